@@ -1,0 +1,162 @@
+"""Assemble a run from its config. Every ``hydra.utils.instantiate`` call is in this module.
+
+:func:`build` runs ordered ``_setup_*`` steps: validate the config, pick the device, load the
+data, partition it, build the model and check it against the data, then the client
+trainer, engine, strategy and logger. Every user error surfaces here, before training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fedtorch import checkpoint, seeding
+from fedtorch.data import partition as partition_lib
+from fedtorch.data.datasets import DataBundle, materialize
+from fedtorch.errors import ConfigError, DataError, FedtorchError
+from fedtorch.metrics import MetricsLogger
+from fedtorch.orchestrator import Orchestrator, RunSettings
+from fedtorch.sampling import cohort_size
+from fedtorch.state import StateLayout
+from fedtorch.validate import resolve_device, validate_config
+
+
+def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate`` that turns import and argument errors into one-line ConfigErrors."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, FedtorchError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from exc
+        reason = str(exc).strip().splitlines()
+        detail = reason[-1] if reason else type(exc).__name__
+        raise ConfigError(f"{key}._target_", f"could not build {node.get('_target_')!r}: {detail}") from exc
+
+
+def _accepted(target: str, names: tuple[str, ...]) -> set[str]:
+    """Which of ``names`` the callable ``target`` accepts as keyword arguments."""
+    try:
+        fn = get_object(target)
+        params = inspect.signature(fn).parameters
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        raise ConfigError("model._target_", f"cannot import {target!r} ({exc})") from exc
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set(names)
+    return {n for n in names if n in params}
+
+
+def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
+    loaded = _instantiate(cfg.data, "data")
+    if isinstance(loaded, tuple) and len(loaded) == 2:
+        loaded = materialize(*loaded)
+    if not isinstance(loaded, DataBundle):
+        raise ConfigError(
+            "data._target_",
+            f"must return a DataBundle or a (train, test) pair of datasets, got {type(loaded).__name__}",
+        )
+    if len(loaded.train_y) == 0 or len(loaded.test_y) == 0:
+        raise DataError(f"{loaded.name}: the training or test set is empty")
+    return loaded.to(device)
+
+
+def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
+    split = _instantiate(cfg.partition, "partition")
+    shards = split(data.train_y.cpu(), num_clients=cfg.num_clients, seed=cfg.seed)
+    if len(shards) != cfg.num_clients:
+        raise ConfigError(
+            "partition._target_", f"returned {len(shards)} shards for num_clients={cfg.num_clients}"
+        )
+    empty = [i for i, s in enumerate(shards) if len(s) == 0]
+    if empty:
+        raise ConfigError(
+            "num_clients",
+            f"{len(empty)} client(s) got no data (first: {empty[0]}); use fewer clients or another split",
+        )
+    return [s.to(data.train_y.device) for s in shards]
+
+
+def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.Module:
+    provided = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    kwargs = {k: provided[k] for k in _accepted(cfg.model._target_, tuple(provided)) if k not in cfg.model}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seeding.derive_seed(cfg.seed, seeding.MODEL_INIT))
+        model = _instantiate(cfg.model, "model", **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model._target_", f"must build an nn.Module, got {type(model).__name__}")
+    model = model.to(device)
+    with torch.no_grad():
+        model.eval()
+        try:
+            out = model(data.train_x[:2])
+        except Exception as exc:
+            raise ConfigError(
+                "model", f"forward pass on inputs of shape {list(data.input_shape)} failed: {exc}"
+            ) from exc
+    if out.shape != (min(2, len(data.train_x)), data.num_classes):
+        raise ConfigError(
+            "model",
+            f"outputs shape {list(out.shape)} but the dataset {data.name} needs "
+            f"[batch, {data.num_classes}] logits",
+        )
+    return model
+
+
+def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
+    """Validate ``cfg`` and assemble every component of the run writing to ``run_dir``.
+
+    Raises:
+        ConfigError / DataError: any user error, before training starts.
+    """
+    validate_config(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("hydra.run.dir", f"output folder {run_dir} is not writable ({exc.strerror})") from exc
+
+    data = _setup_data(cfg, device)
+    clients_per_round = cohort_size(cfg.num_clients, cfg.clients_per_round, cfg.fraction)
+    shards = _setup_partition(cfg, data)
+    stats = partition_lib.statistics(shards, data.train_y, data.num_classes)
+    checkpoint.write_json(run_dir / "partition.json", stats)
+
+    model = _setup_model(cfg, data, device)
+    layout = StateLayout(model.state_dict(), OmegaConf.to_container(cfg.key_rules))
+    trainer = _instantiate(
+        cfg.client, "client", model=model, layout=layout, train_x=data.train_x,
+        train_y=data.train_y, seed=cfg.seed,
+    )
+    engine = _instantiate(cfg.engine, "engine")
+    strategy = _instantiate(cfg.strategy, "strategy")
+    logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
+
+    settings = RunSettings(
+        rounds=cfg.rounds,
+        clients_per_round=clients_per_round,
+        seed=cfg.seed,
+        eval_every=cfg.eval_every,
+        eval_clients=cfg.eval_clients,
+        eval_batch_size=cfg.eval_batch_size,
+        target_accuracy=cfg.target_accuracy,
+    )
+    return Orchestrator(
+        model=model, layout=layout, trainer=trainer, engine=engine, strategy=strategy,
+        data=data, shards=shards, settings=settings, logger=logger, run_dir=run_dir,
+        extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
+    )

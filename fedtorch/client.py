@@ -1,0 +1,142 @@
+"""Local training of one client.
+
+One :class:`ClientTrainer` (one model instance, on the training device) serves every
+client: for each client it loads the global weights, trains on the client's index slice of
+the in-memory dataset, and returns the delta. No per-client model copies, no DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtorch import seeding
+from fedtorch.errors import ConfigError
+from fedtorch.results import ClientResult
+from fedtorch.state import StateLayout
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class ClientTrainer:
+    """Runs local SGD-style training for any client.
+
+    Args:
+        model: the reusable model instance (already on the training device).
+        layout: the state layout (which keys are exchanged and how).
+        train_x: all training inputs [N, ...] on the training device.
+        train_y: all training labels [N] on the training device.
+        optimizer: ``params -> Optimizer`` (a ``_partial_`` optimizer from the config).
+            A fresh optimizer is made per client and round, as in FedAvg.
+        epochs: local epochs E over the client's data (ignored when ``steps`` is set).
+        steps: exact number of local minibatch steps instead of epochs.
+        batch_size: local minibatch size B; the last batch of an epoch may be smaller.
+        seed: the run seed; batch order and any randomness inside the model (dropout)
+            derive from ``(seed, round, client)``, so results do not depend on client order.
+
+    Raises:
+        ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: StateLayout,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        optimizer: OptimizerFactory,
+        epochs: int = 1,
+        steps: int | None = None,
+        batch_size: int = 32,
+        seed: int = 0,
+    ) -> None:
+        if steps is None and (not isinstance(epochs, int) or epochs < 1):
+            raise ConfigError("client.epochs", f"must be an integer >= 1, got {epochs!r}")
+        if steps is not None and (not isinstance(steps, int) or steps < 1):
+            raise ConfigError("client.steps", f"must be null or an integer >= 1, got {steps!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError("client.batch_size", f"must be an integer >= 1, got {batch_size!r}")
+        self.model = model
+        self.layout = layout
+        self.train_x = train_x
+        self.train_y = train_y
+        self.optimizer = optimizer
+        self.epochs = epochs
+        self.steps = steps
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = train_x.device
+        self.local_keys = layout.keys("local")
+        self.counter_keys = layout.keys("max")
+        # Per-client values of `local`-rule keys, kept on the CPU between rounds.
+        self.local_state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def num_steps(self, num_samples: int) -> int:
+        """Local steps a client with ``num_samples`` samples takes in one round."""
+        if self.steps is not None:
+            return self.steps
+        return self.epochs * math.ceil(num_samples / self.batch_size)
+
+    def _batches(self, indices: torch.Tensor, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        """Index batches: reshuffled every epoch, ``num_steps`` of them in total."""
+        n = len(indices)
+        remaining = self.num_steps(n)
+        while remaining > 0:
+            order = indices[torch.randperm(n, generator=gen).to(indices.device)]
+            for start in range(0, n, self.batch_size):
+                yield order[start : start + self.batch_size]
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+    def train(
+        self,
+        client_id: int,
+        indices: torch.Tensor,
+        global_state: Mapping[str, torch.Tensor],
+        global_vector: torch.Tensor,
+        round_idx: int,
+    ) -> ClientResult:
+        """Train client ``client_id`` from the global weights; return its delta and stats."""
+        model = self.model
+        model.load_state_dict(global_state)
+        if client_id in self.local_state:
+            model.load_state_dict(self.local_state[client_id], strict=False)
+        model.train()
+        torch.manual_seed(seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id))
+        gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
+        optimizer = self.optimizer(model.parameters())
+
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = steps = 0
+        for batch in self._batches(indices.to(self.device), gen):
+            x, y = self.train_x[batch], self.train_y[batch]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(batch)
+            correct += (logits.detach().argmax(dim=1) == y).sum()
+            seen += len(batch)
+            steps += 1
+
+        state = model.state_dict()
+        if self.local_keys:
+            self.local_state[client_id] = {k: state[k].detach().cpu().clone() for k in self.local_keys}
+        return ClientResult(
+            client_id=client_id,
+            num_samples=len(indices),
+            delta=self.layout.flatten(state) - global_vector,
+            counters={k: state[k].detach().clone() for k in self.counter_keys},
+            metrics={
+                "train_loss": float(loss_sum) / max(seen, 1),
+                "train_accuracy": float(correct) / max(seen, 1),
+                "steps": steps,
+            },
+        )

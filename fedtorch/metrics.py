@@ -1,0 +1,147 @@
+"""Metric sinks: per-round rows to CSV and JSONL, the progress bar, and the plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+# Columns of metrics.csv, in order; a row may leave some empty (no evaluation that round).
+BASE_COLUMNS = (
+    "round",
+    "clients",
+    "train_loss",
+    "train_accuracy",
+    "test_loss",
+    "test_accuracy",
+    "client_accuracy_mean",
+    "client_accuracy_worst10",
+    "bytes_up",
+    "bytes_down",
+    "round_time_s",
+    "elapsed_s",
+)
+
+
+class MetricsLogger:
+    """Writes one row per round to ``metrics.csv`` and ``metrics.jsonl`` in ``run_dir``,
+    shows a tqdm bar over rounds, and draws ``metrics.png`` at the end.
+
+    Args:
+        run_dir: the run's output folder.
+        rounds: total rounds (length of the progress bar).
+        csv: write ``metrics.csv``.
+        jsonl: write ``metrics.jsonl``.
+        plot: draw ``metrics.png`` (accuracy and loss by round) when closed.
+        progress: show the progress bar.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        rounds: int,
+        csv: bool = True,
+        jsonl: bool = True,
+        plot: bool = True,
+        progress: bool = True,
+        start_round: int = 0,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.plot = plot
+        self.history: list[dict[str, Any]] = []
+        self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="") if csv else None
+        self._csv = None
+        if self._csv_file:
+            self._csv = _csv_writer(self._csv_file)
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "w") if jsonl else None
+        self._bar_args = {"total": rounds, "initial": start_round, "disable": not progress}
+        self._bar: tqdm | None = None
+
+    def start(self) -> None:
+        """Show the progress bar (called when the first round starts)."""
+        if self._bar is None:
+            self._bar = tqdm(desc="rounds", unit="round", dynamic_ncols=True, **self._bar_args)
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Record one round's metrics and advance the progress bar."""
+        row = dict(row)
+        self.history.append(row)
+        if self._csv is not None:
+            self._csv.writerow({k: _fmt(row.get(k)) for k in BASE_COLUMNS})
+            self._csv_file.flush()
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        postfix = {}
+        last_eval = next((h for h in reversed(self.history) if h.get("test_accuracy") is not None), None)
+        if last_eval:
+            postfix["acc"] = f"{last_eval['test_accuracy']:.4f}"
+            postfix["loss"] = f"{last_eval['test_loss']:.4f}"
+        if row.get("train_loss") is not None:
+            postfix["train_loss"] = f"{row['train_loss']:.4f}"
+        self.start()
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        """Close files and the bar; draw the plot if asked."""
+        if self._bar is not None:
+            self._bar.close()
+        for fh in (self._csv_file, self._jsonl):
+            if fh is not None:
+                fh.close()
+        if self.plot and self.history:
+            plot_history(self.history, self.run_dir / "metrics.png")
+
+
+def _csv_writer(fh) -> csv.DictWriter:
+    writer = csv.DictWriter(fh, fieldnames=list(BASE_COLUMNS))
+    writer.writeheader()
+    return writer
+
+
+def _fmt(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def plot_history(history: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
+    """Two panels: test/train accuracy and test/train loss against the round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax, label in (
+        ("test_accuracy", ax_acc, "test"),
+        ("train_accuracy", ax_acc, "train (local)"),
+        ("test_loss", ax_loss, "test"),
+        ("train_loss", ax_loss, "train (local)"),
+    ):
+        points = [(h["round"], h[key]) for h in history if _is_number(h.get(key))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    ax_acc.set(xlabel="round", ylabel="accuracy", title="accuracy")
+    ax_loss.set(xlabel="round", ylabel="loss", title="loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value))

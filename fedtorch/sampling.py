@@ -1,0 +1,41 @@
+"""Client sampling: which clients train in round r, seeded by (seed, r)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedtorch import seeding
+from fedtorch.errors import ConfigError
+
+
+def cohort_size(num_clients: int, clients_per_round: int | None, fraction: float | None) -> int:
+    """Clients per round from ``clients_per_round`` or ``fraction`` (all clients if neither).
+
+    ``fraction`` follows McMahan et al.: max(round(C * K), 1).
+    """
+    if clients_per_round is not None and fraction is not None:
+        raise ConfigError("clients_per_round", "set clients_per_round or fraction, not both")
+    if clients_per_round is not None:
+        if not isinstance(clients_per_round, int) or not 1 <= clients_per_round <= num_clients:
+            raise ConfigError(
+                "clients_per_round",
+                f"must be an integer in [1, num_clients={num_clients}], got {clients_per_round!r}",
+            )
+        return clients_per_round
+    if fraction is not None:
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError("fraction", f"must be in (0, 1], got {fraction!r}")
+        return max(round(fraction * num_clients), 1)
+    return num_clients
+
+
+def sample_clients(num_clients: int, k: int, seed: int, round_idx: int) -> list[int]:
+    """``k`` distinct client ids drawn uniformly without replacement, sorted ascending.
+
+    Depends only on ``(seed, round_idx)``, so a round samples the same clients whatever
+    happened before it (resume, other engines).
+    """
+    if k == num_clients:
+        return list(range(num_clients))
+    gen = seeding.generator(seed, seeding.CLIENT_SAMPLING, round_idx)
+    return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())

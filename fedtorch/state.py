@@ -1,0 +1,122 @@
+"""``state_dict`` <-> flat vectors, and the aggregation rule of every key.
+
+Aggregating a model key by key in a Python loop is slow and easy to get wrong (BatchNorm's
+``num_batches_tracked`` averaged as a float, buffers silently skipped). Instead each key
+gets one rule, decided once per run:
+
+``mean``
+    exchanged, aggregated by the strategy (weighted average for FedAvg). The default for
+    every floating-point parameter and buffer, BatchNorm running statistics included.
+    All ``mean`` keys are packed into one flat vector so that aggregation is one fused
+    operation over all clients.
+``max``
+    exchanged, the server takes the element-wise maximum over clients. The default for
+    integer buffers such as ``num_batches_tracked``: they are counters, never averaged as
+    floats, and keep their integer dtype.
+``keep``
+    sent to clients but never sent back; the server's value never changes (frozen keys).
+``local``
+    never exchanged: each client keeps its own value across rounds (FedBN, personal
+    heads). The global model keeps its initial value for these keys.
+
+Rules are chosen with ``key_rules``: a list of ``{pattern: REGEX, rule: NAME}``; the first
+pattern that matches a key (``re.search``) decides, otherwise the defaults above apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import re
+
+import torch
+
+from fedtorch.errors import ConfigError
+
+RULES = ("mean", "max", "keep", "local")
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """Where one ``mean`` key lives in the flat vector."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    numel: int
+
+
+class StateLayout:
+    """The rule of every key of a model's ``state_dict`` and the flat-vector packing.
+
+    Args:
+        state: a reference ``state_dict`` (shapes and dtypes are read from it).
+        key_rules: ``[{pattern, rule}, ...]`` overrides, first match wins.
+
+    Raises:
+        ConfigError: a rule name is unknown or a pattern is not a valid regex.
+    """
+
+    def __init__(self, state: Mapping[str, torch.Tensor], key_rules: Sequence[Mapping] = ()):
+        compiled = []
+        for i, entry in enumerate(key_rules):
+            rule = entry.get("rule")
+            if rule not in RULES:
+                raise ConfigError(f"key_rules[{i}].rule", f"must be one of {RULES}, got {rule!r}")
+            try:
+                compiled.append((re.compile(str(entry.get("pattern", ""))), rule))
+            except re.error as exc:
+                raise ConfigError(f"key_rules[{i}].pattern", f"invalid regex: {exc}") from exc
+        self.rules: dict[str, str] = {}
+        for name, tensor in state.items():
+            default = "mean" if tensor.is_floating_point() else "max"
+            self.rules[name] = next((r for p, r in compiled if p.search(name)), default)
+            if self.rules[name] == "mean" and not tensor.is_floating_point():
+                raise ConfigError(
+                    "key_rules", f"{name} is {tensor.dtype}; rule 'mean' needs a float tensor"
+                )
+        self.specs: list[KeySpec] = []
+        offset = 0
+        for name in self.keys("mean"):
+            t = state[name]
+            self.specs.append(KeySpec(name, t.shape, t.dtype, offset, t.numel()))
+            offset += t.numel()
+        self.size = offset
+        mean_dtypes = [s.dtype for s in self.specs]
+        self.dtype = torch.float32 if not mean_dtypes else _widest(mean_dtypes)
+
+    def keys(self, rule: str) -> list[str]:
+        """Names of the keys with this rule, in ``state_dict`` order."""
+        return [k for k, r in self.rules.items() if r == rule]
+
+    def flatten(self, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate the ``mean`` keys into one vector of shape [size]."""
+        if not self.specs:
+            return torch.zeros(0, dtype=self.dtype)
+        return torch.cat([state[s.name].reshape(-1).to(self.dtype) for s in self.specs])
+
+    def unflatten_into(self, vector: torch.Tensor, state: State) -> None:
+        """Copy ``vector`` back into the ``mean`` keys of ``state`` (in place, dtype kept)."""
+        for s in self.specs:
+            state[s.name].copy_(vector[s.offset : s.offset + s.numel].view(s.shape))
+
+    def bytes_of(self, state: Mapping[str, torch.Tensor], rules: Sequence[str]) -> int:
+        """Payload size of the keys with the given rules (what one message carries)."""
+        return sum(
+            state[k].numel() * state[k].element_size() for k, r in self.rules.items() if r in rules
+        )
+
+
+def _widest(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    widest = dtypes[0]
+    for d in dtypes[1:]:
+        widest = torch.promote_types(widest, d)
+    return widest
+
+
+def aggregate_max(values: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> State:
+    """Element-wise maximum over clients for each key (integer counters)."""
+    return {k: torch.stack([v[k] for v in values]).amax(dim=0) for k in keys}

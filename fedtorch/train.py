@@ -1,0 +1,67 @@
+"""Command-line entry point: ``python -m fedtorch.train [overrides]``.
+
+Composes the Hydra config, writes the resolved ``config.yaml`` to the run folder, builds the
+run and trains. User errors print one line (``error: KEY: ...``) and exit with status 2; set
+``FEDTORCH_FULL_ERROR=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fedtorch import checkpoint
+from fedtorch.build import build
+from fedtorch.errors import FedtorchError
+
+log = logging.getLogger("fedtorch")
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run one federated training job described by ``cfg``; return its summary."""
+    run_dir = Path(run_dir)
+    orchestrator = build(cfg, run_dir)
+    checkpoint.atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    part = orchestrator.extra_summary["partition"]
+    log.info(
+        "%s: %d clients (size min %d / median %.0f / max %d, %.2f classes each), %d per round, "
+        "%d rounds on %s -> %s",
+        orchestrator.data.name, part["num_clients"], part["min_size"], part["median_size"],
+        part["max_size"], part["mean_classes_per_client"], orchestrator.settings.clients_per_round,
+        cfg.rounds, orchestrator.extra_summary["device"], run_dir,
+    )
+    summary = orchestrator.run()
+    log.info(
+        "done: final accuracy %.4f, best %.4f (round %s), %.1fs",
+        summary["final_accuracy"] or float("nan"), summary["best_accuracy"] or float("nan"),
+        summary["best_round"], summary["wall_time_s"],
+    )
+    return summary
+
+
+def _full_errors() -> bool:
+    return os.environ.get("FEDTORCH_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fedtorch.configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the best accuracy (useful to sweepers)."""
+    try:
+        summary = train(cfg, HydraConfig.get().runtime.output_dir)
+    except FedtorchError as exc:
+        if _full_errors():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return summary["best_accuracy"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Checks of the top-level config, run before anything is loaded or trained.
+
+Each check raises :class:`~fedtorch.errors.ConfigError` with one line naming the key, the
+value and what is allowed. Component-specific checks live with their component (the
+partitioners check their own options, the client trainer its own).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig
+
+from fedtorch.errors import ConfigError
+
+_DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+GROUPS = ("model", "data", "partition", "strategy", "client", "engine", "logger")
+
+
+def _int(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> None:
+    value = cfg.get(key)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _bool(cfg: DictConfig, key: str) -> None:
+    if not isinstance(cfg.get(key), bool):
+        raise ConfigError(key, f"must be true or false, got {cfg.get(key)!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> ``cuda`` if available else ``cpu``; refuses CUDA on a machine without it."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ConfigError("device", f"must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{name} requested but CUDA is not available; use device=cpu")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device", f"{name} requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return torch.device(name)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Validate the top-level keys and that every component group has a ``_target_``."""
+    _int(cfg, "seed", 0)
+    _int(cfg, "rounds", 1)
+    _int(cfg, "num_clients", 1)
+    _int(cfg, "eval_every", 1)
+    _int(cfg, "eval_batch_size", 1)
+    _int(cfg, "torch_threads", 1, allow_none=True)
+    _bool(cfg, "eval_clients")
+    _bool(cfg, "verbose")
+    target = cfg.get("target_accuracy")
+    if target is not None and (
+        isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1
+    ):
+        raise ConfigError("target_accuracy", f"must be null or in (0, 1], got {target!r}")
+    for group in GROUPS:
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise ConfigError(group, "missing or has no _target_; pick an option of its group")
+    _check_optimizer(cfg.client.get("optimizer"))
+    rules = cfg.get("key_rules")
+    if not isinstance(rules, ListConfig) or not all(isinstance(r, DictConfig) for r in rules):
+        raise ConfigError("key_rules", f"must be a list of {{pattern: REGEX, rule: NAME}}, got {rules!r}")
+
+
+def _check_optimizer(opt: Any) -> None:
+    if opt is None:
+        raise ConfigError("client.optimizer", "missing; give a _target_ such as torch.optim.SGD")
+    for key in ("lr", "momentum", "weight_decay"):
+        value = opt.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"client.optimizer.{key}", f"must be a number, got {value!r}")
+        if key == "lr" and not value > 0:
+            raise ConfigError("client.optimizer.lr", f"must be > 0, got {value}")
+        if value < 0:
+            raise ConfigError(f"client.optimizer.{key}", f"must be >= 0, got {value}")
