@@ -7,13 +7,15 @@ trainer, engine, strategy and logger. Every user error surfaces here, before tra
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -21,35 +23,94 @@ from fedtorch import checkpoint, seeding
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.metrics import MetricsLogger
 from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
 from fedtorch.state import StateLayout
 from fedtorch.validate import resolve_device, validate_config
 
+log = logging.getLogger("fedtorch")
+
 
 def _instantiate(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``instantiate`` that turns import and argument errors into one-line ConfigErrors."""
+    """``instantiate`` that turns import and argument errors into one-line ConfigErrors.
+
+    Keys of ``node`` that the target does not accept are dropped with a warning: they are
+    left over from the group's default option after ``KEY._target_=pkg.Thing`` swapped the
+    target (Hydra's struct mode already rejects misspelled keys at compose time).
+    """
+    node = _drop_unaccepted(node, key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, FedtorchError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from exc
-        reason = str(exc).strip().splitlines()
-        detail = reason[-1] if reason else type(exc).__name__
-        raise ConfigError(f"{key}._target_", f"could not build {node.get('_target_')!r}: {detail}") from exc
+        root: BaseException = exc
+        while root.__cause__ is not None and not isinstance(root, FedtorchError):
+            root = root.__cause__
+        if isinstance(root, FedtorchError):
+            raise root from exc
+        if root is exc:  # Hydra's own message, e.g. the target does not import
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = lines[0] if lines else type(exc).__name__
+        else:
+            detail = f"{type(root).__name__}: {root}"
+        raise ConfigError(
+            f"{key}._target_", f"could not build {node.get('_target_')!r}: {detail}"
+        ) from exc
 
 
-def _accepted(target: str, names: tuple[str, ...]) -> set[str]:
+def import_target(path: str, key: str) -> Any:
+    """The object named by a dotted ``_target_`` path, or a one-line ConfigError."""
+    parts = str(path).split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and not module_name.startswith(exc.name):
+                raise ConfigError(f"{key}._target_", f"importing {path!r} failed: {exc}") from exc
+            continue
+        except Exception as exc:
+            raise ConfigError(
+                f"{key}._target_", f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise ConfigError(
+                f"{key}._target_", f"module {module_name!r} has no {'.'.join(parts[cut:])!r}"
+            ) from None
+        return obj
+    raise ConfigError(
+        f"{key}._target_",
+        f"cannot import {path!r}: no module {parts[0]!r} (is it installed or on PYTHONPATH?)",
+    )
+
+
+def _drop_unaccepted(node: DictConfig, key: str) -> DictConfig:
+    names = tuple(k for k in node if not str(k).startswith("_"))
+    accepted = _accepted(node._target_, names, key)
+    dropped = [k for k in names if k not in accepted]
+    if not dropped:
+        return node
+    log.warning(
+        "%s: ignoring %s: %s takes no such argument",
+        key,
+        ", ".join(f"{key}.{k}" for k in dropped),
+        node._target_,
+    )
+    kept = OmegaConf.to_container(node, resolve=True)
+    for k in dropped:
+        kept.pop(k)
+    return OmegaConf.create(kept)
+
+
+def _accepted(target: str, names: tuple[str, ...], key: str = "model") -> set[str]:
     """Which of ``names`` the callable ``target`` accepts as keyword arguments."""
+    fn = import_target(target, key)
     try:
-        fn = get_object(target)
         params = inspect.signature(fn).parameters
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:
-        raise ConfigError("model._target_", f"cannot import {target!r} ({exc})") from exc
+    except (ValueError, TypeError):  # builtins without a signature: pass everything
+        return set(names)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return set(names)
     return {n for n in names if n in params}
@@ -62,7 +123,8 @@ def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
     if not isinstance(loaded, DataBundle):
         raise ConfigError(
             "data._target_",
-            f"must return a DataBundle or a (train, test) pair of datasets, got {type(loaded).__name__}",
+            "must return a DataBundle or a (train, test) pair of datasets, "
+            f"got {type(loaded).__name__}",
         )
     if len(loaded.train_y) == 0 or len(loaded.test_y) == 0:
         raise DataError(f"{loaded.name}: the training or test set is empty")
@@ -80,14 +142,17 @@ def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
     if empty:
         raise ConfigError(
             "num_clients",
-            f"{len(empty)} client(s) got no data (first: {empty[0]}); use fewer clients or another split",
+            f"{len(empty)} client(s) got no data (first: {empty[0]}); "
+            "use fewer clients or another split",
         )
     return [s.to(data.train_y.device) for s in shards]
 
 
 def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.Module:
     provided = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
-    kwargs = {k: provided[k] for k in _accepted(cfg.model._target_, tuple(provided)) if k not in cfg.model}
+    kwargs = {
+        k: provided[k] for k in _accepted(cfg.model._target_, tuple(provided)) if k not in cfg.model
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeding.derive_seed(cfg.seed, seeding.MODEL_INIT))
         model = _instantiate(cfg.model, "model", **kwargs)
@@ -128,7 +193,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError("hydra.run.dir", f"output folder {run_dir} is not writable ({exc.strerror})") from exc
+        raise ConfigError(
+            "hydra.run.dir", f"output folder {run_dir} is not writable ({exc.strerror})"
+        ) from exc
 
     data = _setup_data(cfg, device)
     clients_per_round = cohort_size(cfg.num_clients, cfg.clients_per_round, cfg.fraction)
@@ -139,8 +206,13 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     model = _setup_model(cfg, data, device)
     layout = StateLayout(model.state_dict(), OmegaConf.to_container(cfg.key_rules))
     trainer = _instantiate(
-        cfg.client, "client", model=model, layout=layout, train_x=data.train_x,
-        train_y=data.train_y, seed=cfg.seed,
+        cfg.client,
+        "client",
+        model=model,
+        layout=layout,
+        train_x=data.train_x,
+        train_y=data.train_y,
+        seed=cfg.seed,
     )
     engine = _instantiate(cfg.engine, "engine")
     strategy = _instantiate(cfg.strategy, "strategy")
@@ -156,7 +228,15 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         target_accuracy=cfg.target_accuracy,
     )
     return Orchestrator(
-        model=model, layout=layout, trainer=trainer, engine=engine, strategy=strategy,
-        data=data, shards=shards, settings=settings, logger=logger, run_dir=run_dir,
+        model=model,
+        layout=layout,
+        trainer=trainer,
+        engine=engine,
+        strategy=strategy,
+        data=data,
+        shards=shards,
+        settings=settings,
+        logger=logger,
+        run_dir=run_dir,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

@@ -107,7 +107,9 @@ class ClientTrainer:
         if client_id in self.local_state:
             model.load_state_dict(self.local_state[client_id], strict=False)
         model.train()
-        torch.manual_seed(seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id))
+        torch.manual_seed(
+            seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
+        )
         gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
         optimizer = self.optimizer(model.parameters())
 
@@ -128,7 +130,9 @@ class ClientTrainer:
 
         state = model.state_dict()
         if self.local_keys:
-            self.local_state[client_id] = {k: state[k].detach().cpu().clone() for k in self.local_keys}
+            self.local_state[client_id] = {
+                k: state[k].detach().cpu().clone() for k in self.local_keys
+            }
         return ClientResult(
             client_id=client_id,
             num_samples=len(indices),

@@ -42,7 +42,9 @@ def per_client_accuracy(
     correct = torch.empty(len(x), device=x.device)
     for start in range(0, len(x), batch_size):
         logits = model(x[start : start + batch_size])
-        correct[start : start + batch_size] = (logits.argmax(dim=1) == y[start : start + batch_size]).float()
+        correct[start : start + batch_size] = (
+            logits.argmax(dim=1) == y[start : start + batch_size]
+        ).float()
     held = owner >= 0
     hits = torch.bincount(owner[held], weights=correct[held], minlength=num_clients)
     sizes = torch.bincount(owner[held], minlength=num_clients).clamp_min(1)

@@ -54,11 +54,12 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.plot = plot
         self.history: list[dict[str, Any]] = []
-        self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="") if csv else None
+        # Kept open for the whole run (one row per round), closed by close().
+        self._csv_file = open(self.run_dir / "metrics.csv", "w", newline="") if csv else None  # noqa: SIM115
         self._csv = None
         if self._csv_file:
             self._csv = _csv_writer(self._csv_file)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "w") if jsonl else None
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "w") if jsonl else None  # noqa: SIM115
         self._bar_args = {"total": rounds, "initial": start_round, "disable": not progress}
         self._bar: tqdm | None = None
 
@@ -78,7 +79,9 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
         postfix = {}
-        last_eval = next((h for h in reversed(self.history) if h.get("test_accuracy") is not None), None)
+        last_eval = next(
+            (h for h in reversed(self.history) if h.get("test_accuracy") is not None), None
+        )
         if last_eval:
             postfix["acc"] = f"{last_eval['test_accuracy']:.4f}"
             postfix["loss"] = f"{last_eval['test_loss']:.4f}"

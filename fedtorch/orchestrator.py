@@ -74,7 +74,9 @@ class Orchestrator:
         self.logger = logger
         self.run_dir = Path(run_dir)
         self.extra_summary = extra_summary or {}
-        self.owner = torch.full((len(data.train_y),), -1, dtype=torch.long, device=data.train_y.device)
+        self.owner = torch.full(
+            (len(data.train_y),), -1, dtype=torch.long, device=data.train_y.device
+        )
         for cid, shard in enumerate(self.shards):
             self.owner[shard.to(self.owner.device)] = cid
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -95,7 +97,12 @@ class Orchestrator:
                 t0 = time.perf_counter()
                 cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
                 results = self.engine.run(
-                    self.trainer, cohort, self.shards, self.global_state, self.global_vector, round_idx
+                    self.trainer,
+                    cohort,
+                    self.shards,
+                    self.global_state,
+                    self.global_vector,
+                    round_idx,
                 )
                 self._apply(results, round_idx)
                 bytes_down += self.bytes_down_per_client * len(cohort)
@@ -155,7 +162,11 @@ class Orchestrator:
         out = {"test_loss": loss, "test_accuracy": acc}
         if s.eval_clients:
             accs = per_client_accuracy(
-                self.model, self.data.train_x, self.data.train_y, self.owner, len(self.shards),
+                self.model,
+                self.data.train_x,
+                self.data.train_y,
+                self.owner,
+                len(self.shards),
                 s.eval_batch_size,
             )
             out["client_accuracy_mean"] = float(accs.mean())

@@ -25,10 +25,9 @@ pattern that matches a key (``re.search``) decides, otherwise the defaults above
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import re
 
 import torch
 

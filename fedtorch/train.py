@@ -28,20 +28,31 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run one federated training job described by ``cfg``; return its summary."""
     run_dir = Path(run_dir)
     orchestrator = build(cfg, run_dir)
-    checkpoint.atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    checkpoint.atomic_write_bytes(
+        run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
+    )
     part = orchestrator.extra_summary["partition"]
     log.info(
         "%s: %d clients (size min %d / median %.0f / max %d, %.2f classes each), %d per round, "
         "%d rounds on %s -> %s",
-        orchestrator.data.name, part["num_clients"], part["min_size"], part["median_size"],
-        part["max_size"], part["mean_classes_per_client"], orchestrator.settings.clients_per_round,
-        cfg.rounds, orchestrator.extra_summary["device"], run_dir,
+        orchestrator.data.name,
+        part["num_clients"],
+        part["min_size"],
+        part["median_size"],
+        part["max_size"],
+        part["mean_classes_per_client"],
+        orchestrator.settings.clients_per_round,
+        cfg.rounds,
+        orchestrator.extra_summary["device"],
+        run_dir,
     )
     summary = orchestrator.run()
     log.info(
         "done: final accuracy %.4f, best %.4f (round %s), %.1fs",
-        summary["final_accuracy"] or float("nan"), summary["best_accuracy"] or float("nan"),
-        summary["best_round"], summary["wall_time_s"],
+        summary["final_accuracy"] or float("nan"),
+        summary["best_accuracy"] or float("nan"),
+        summary["best_round"],
+        summary["wall_time_s"],
     )
     return summary
 

@@ -40,7 +40,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError("device", f"{name} requested but CUDA is not available; use device=cpu")
+            raise ConfigError(
+                "device", f"{name} requested but CUDA is not available; use device=cpu"
+            )
         index = torch.device(name).index
         if index is not None and index >= torch.cuda.device_count():
             raise ConfigError(
@@ -71,7 +73,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_optimizer(cfg.client.get("optimizer"))
     rules = cfg.get("key_rules")
     if not isinstance(rules, ListConfig) or not all(isinstance(r, DictConfig) for r in rules):
-        raise ConfigError("key_rules", f"must be a list of {{pattern: REGEX, rule: NAME}}, got {rules!r}")
+        raise ConfigError(
+            "key_rules", f"must be a list of {{pattern: REGEX, rule: NAME}}, got {rules!r}"
+        )
 
 
 def _check_optimizer(opt: Any) -> None:

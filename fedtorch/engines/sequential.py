@@ -31,7 +31,11 @@ class SequentialEngine:
         round_idx: int,
     ) -> list[ClientResult]:
         """Train ``client_ids`` (in the given order) and return their results."""
-        ids = tqdm(client_ids, desc=f"round {round_idx} clients", leave=False) if self.verbose else client_ids
+        ids = (
+            tqdm(client_ids, desc=f"round {round_idx} clients", leave=False)
+            if self.verbose
+            else client_ids
+        )
         return [
             trainer.train(int(cid), shards[int(cid)], global_state, global_vector, round_idx)
             for cid in ids

@@ -1,0 +1,53 @@
+"""Shared fixtures: compose the real config tree and shrink it for fast tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Small, fast, still learnable: synthetic data, a few rounds. FAST adds a small MLP.
+FAST_NO_MODEL = [
+    "dataset=synthetic",
+    "rounds=3",
+    "num_clients=5",
+    "client.optimizer.lr=0.1",
+    "device=cpu",
+    "logger=quiet",
+]
+FAST = [*FAST_NO_MODEL, "model=mlp", "model.hidden=[32]"]
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The real config tree, composed with ``overrides`` (no Hydra run dir involved)."""
+    with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """``python -m fedtorch.train ARGS`` in a subprocess; returns the CompletedProcess."""
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in ("FEDTORCH_FULL_ERROR", "HYDRA_FULL_ERROR")
+    }
+    full_env = {**inherited, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "fedtorch.train", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def fast_overrides() -> list[str]:
+    return list(FAST)
