@@ -31,7 +31,8 @@ class ClientTrainer:
         train_x: all training inputs [N, ...] on the training device.
         train_y: all training labels [N] on the training device.
         optimizer: ``params -> Optimizer`` (a ``_partial_`` optimizer from the config).
-            A fresh optimizer is made per client and round, as in FedAvg.
+            One instance serves all clients; its state (momentum, Adam moments) is cleared
+            before each client trains, as if each client had a fresh optimizer.
         epochs: local epochs E over the client's data (ignored when ``steps`` is set).
         steps: exact number of local minibatch steps instead of epochs.
         batch_size: local minibatch size B; the last batch of an epoch may be smaller.
@@ -65,6 +66,7 @@ class ClientTrainer:
         self.train_x = train_x
         self.train_y = train_y
         self.optimizer = optimizer
+        self._optimizer = optimizer(model.parameters())
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size
@@ -81,8 +83,13 @@ class ClientTrainer:
             return self.steps
         return self.epochs * math.ceil(num_samples / self.batch_size)
 
-    def _batches(self, indices: torch.Tensor, gen: torch.Generator) -> Iterator[torch.Tensor]:
-        """Index batches: reshuffled every epoch, ``num_steps`` of them in total."""
+    def batches(
+        self, client_id: int, indices: torch.Tensor, round_idx: int
+    ) -> Iterator[torch.Tensor]:
+        """The client's index batches this round: reshuffled every epoch with a generator
+        seeded by (seed, round, client), ``num_steps`` of them in total. Every engine uses
+        this schedule, so they all see the same batches."""
+        gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
         n = len(indices)
         remaining = self.num_steps(n)
         while remaining > 0:
@@ -110,13 +117,13 @@ class ClientTrainer:
         torch.manual_seed(
             seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
         )
-        gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
-        optimizer = self.optimizer(model.parameters())
+        optimizer = self._optimizer
+        optimizer.state.clear()
 
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = steps = 0
-        for batch in self._batches(indices.to(self.device), gen):
+        for batch in self.batches(client_id, indices.to(self.device), round_idx):
             x, y = self.train_x[batch], self.train_y[batch]
             logits = model(x)
             loss = F.cross_entropy(logits, y)

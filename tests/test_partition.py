@@ -100,7 +100,7 @@ def test_quantity_keeps_labels_iid_but_sizes_skewed():
         (lambda y: P.dirichlet(y, 10, 0, alpha=-1.0), "partition.alpha"),
         (lambda y: P.quantity(y, 10, 0, alpha=0.0), "partition.alpha"),
         (lambda y: P.iid(y, 101, 0), "num_clients"),
-        (lambda y: P.dirichlet(y, 20, 0, min_size=10), "num_clients"),
+        (lambda y: P.dirichlet(y, 20, 0, min_size=10), "partition.min_size"),
         (lambda y: P.shards(y, 3, 0, shards_per_client=7), "partition.shards_per_client"),
         (lambda y: P.label_skew(y, 5, 0, classes_per_client=11), "partition.classes_per_client"),
         (lambda y: P.iid(y, 0, 0), "num_clients"),
