@@ -8,7 +8,7 @@ the in-memory dataset, and returns the delta. No per-client model copies, no Dat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -83,22 +83,27 @@ class ClientTrainer:
             return self.steps
         return self.epochs * math.ceil(num_samples / self.batch_size)
 
-    def batches(
+    def schedule(
         self, client_id: int, indices: torch.Tensor, round_idx: int
-    ) -> Iterator[torch.Tensor]:
-        """The client's index batches this round: reshuffled every epoch with a generator
-        seeded by (seed, round, client), ``num_steps`` of them in total. Every engine uses
-        this schedule, so they all see the same batches."""
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The client's minibatches this round, as a padded index matrix.
+
+        Returns ``(batches, sizes)``: ``batches`` is [S, B] (S = ``num_steps``), row ``s``
+        holding the indices of step ``s`` in its first ``sizes[s]`` entries (the last batch
+        of an epoch may be short; the rest is padding). Samples are reshuffled every epoch
+        with a generator seeded by (seed, round, client). Every engine uses this schedule,
+        so they all see the same batches.
+        """
         gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
-        n = len(indices)
-        remaining = self.num_steps(n)
-        while remaining > 0:
-            order = indices[torch.randperm(n, generator=gen).to(indices.device)]
-            for start in range(0, n, self.batch_size):
-                yield order[start : start + self.batch_size]
-                remaining -= 1
-                if remaining == 0:
-                    return
+        n, width = len(indices), self.batch_size
+        per_epoch = math.ceil(n / width)
+        total = self.num_steps(n)
+        epochs = math.ceil(total / per_epoch)
+        padded = torch.zeros(epochs, per_epoch * width, dtype=torch.long, device=indices.device)
+        for epoch in range(epochs):
+            padded[epoch, :n] = indices[torch.randperm(n, generator=gen).to(indices.device)]
+        sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
+        return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
     def train(
         self,
@@ -123,7 +128,9 @@ class ClientTrainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = steps = 0
-        for batch in self.batches(client_id, indices.to(self.device), round_idx):
+        batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx)
+        for row, size in zip(batches, sizes):
+            batch = row[:size]
             x, y = self.train_x[batch], self.train_y[batch]
             logits = model(x)
             loss = F.cross_entropy(logits, y)

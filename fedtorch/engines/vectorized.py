@@ -132,10 +132,10 @@ class VectorizedEngine:
         """Train ``client_ids``; results come back in the order of ``client_ids``."""
         self._check(trainer)
         schedules = {
-            int(c): list(trainer.batches(int(c), shards[int(c)].to(trainer.device), round_idx))
+            int(c): trainer.schedule(int(c), shards[int(c)].to(trainer.device), round_idx)
             for c in client_ids
         }
-        by_steps = sorted(schedules, key=lambda c: (-len(schedules[c]), c))
+        by_steps = sorted(schedules, key=lambda c: (-len(schedules[c][1]), c))
         size = self.cohort_size or self.auto_cohort_size(trainer)
         cohorts = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
         if self.verbose:
@@ -152,7 +152,7 @@ class VectorizedEngine:
         self,
         trainer: ClientTrainer,
         cohort: Sequence[int],
-        schedules: Mapping[int, list[torch.Tensor]],
+        schedules: Mapping[int, tuple[torch.Tensor, list[int]]],
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
@@ -176,23 +176,28 @@ class VectorizedEngine:
             return (per_sample * w).sum() / w.sum().clamp_min(1.0), (per_sample, logits)
 
         grad_fn = vmap(grad(loss_fn, has_aux=True), randomness="different")
-        steps = torch.tensor([len(schedules[c]) for c in cohort], device=device)
+        # [K, T, B] indices and 0/1 weights; rows past a client's last step stay zero.
+        num_steps = [len(schedules[c][1]) for c in cohort]
+        horizon, batch = max(num_steps), trainer.batch_size
+        all_idx = torch.zeros(k, horizon, batch, dtype=torch.long, device=device)
+        all_w = torch.zeros(k, horizon, batch, device=device)
+        for row, c in enumerate(cohort):
+            rows, sizes = schedules[c]
+            all_idx[row, : len(sizes)] = rows
+            sizes_t = torch.tensor(sizes, device=device)
+            all_w[row, : len(sizes)] = (
+                torch.arange(batch, device=device) < sizes_t[:, None]
+            ).float()
+        steps = torch.tensor(num_steps, device=device)
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
         seen = torch.zeros(k, device=device)
-        batch = trainer.batch_size
-        for t in range(int(steps.max())):
-            idx = torch.zeros(k, batch, dtype=torch.long, device=device)
-            w = torch.zeros(k, batch, device=device)
-            for row, c in enumerate(cohort):
-                if t < len(schedules[c]):
-                    b = schedules[c][t]
-                    idx[row, : len(b)] = b
-                    w[row, : len(b)] = 1.0
+        for t in range(horizon):
+            idx, w = all_idx[:, t], all_w[:, t]
             x, y = trainer.train_x[idx], trainer.train_y[idx]
             grads, (per_sample, logits) = grad_fn(params, x, y, w)
             active = steps > t
-            frozen = None if bool(active.all()) else {n: p.clone() for n, p in params.items()}
+            frozen = None if t < min(num_steps) else {n: p.clone() for n, p in params.items()}
             for n, p in params.items():
                 p.grad = grads[n]
             optimizer.step()
@@ -230,9 +235,8 @@ class VectorizedEngine:
                 metrics={
                     "train_loss": loss_cpu[row] / max(seen_cpu[row], 1),
                     "train_accuracy": correct_cpu[row] / max(seen_cpu[row], 1),
-                    "steps": len(schedules[c]),
+                    "steps": len(schedules[c][1]),
                 },
             )
             for row, c in enumerate(cohort)
         ]
-

@@ -1,0 +1,37 @@
+"""Run one fedtorch job in this process and print one JSON line (for bench.py).
+
+    python fedtorch_run.py RUN_DIR override [override ...]
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+
+from hydra import compose, initialize_config_module
+
+from fedtorch.build import build
+
+
+def main(run_dir: str, overrides: list[str]) -> None:
+    with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    orchestrator = build(cfg, run_dir)
+    summary = orchestrator.run()
+    rows = orchestrator.logger.history
+    print(
+        json.dumps(
+            {
+                "round_times": [r["round_time_s"] for r in rows],
+                "median_round_s": statistics.median(r["round_time_s"] for r in rows),
+                "final_accuracy": summary["final_accuracy"],
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
