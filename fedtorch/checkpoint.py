@@ -17,6 +17,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write to a temporary file in the same folder, flush, fsync, then rename over ``path``."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)

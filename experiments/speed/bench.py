@@ -58,6 +58,7 @@ DESCRIPTIONS = {
     "C": "2NN, 1000 clients Dir(0.3), 100 a round, E=1, B=10, lr 0.05, 20 rounds",
 }
 ENGINES = ("reference", "sequential", "vectorized", "flower")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def compose_workload(name: str, extra: list[str]):
@@ -113,7 +114,9 @@ def compute_floor(factory, input_shape, threads: int) -> dict[int, float]:
 
 
 def run_engine(engine: str, workload: str, spec: Path, extra: list[str], threads: int, flower_python: str | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # PYTHONPATH: the spec pickles fedtorch's model classes (plain nn.Modules); Flower's venv
+    # and its Ray workers import them from this checkout.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parents[1])}
     if engine == "reference":
         cmd = [sys.executable, str(HERE / "reference.py"), str(spec)]
     elif engine == "flower":
@@ -146,7 +149,7 @@ def flower_python(skip: bool) -> str | None:
         (site / "base_env.pth").write_text(
             next(p for p in sys.path if p.endswith("site-packages")) + "\n"
         )
-        install = subprocess.run([python, "-m", "pip", "install", "-q", "flwr[simulation]"], capture_output=True, text=True)
+        install = subprocess.run([python, "-m", "pip", "install", "-q", "flwr[simulation]", "psutil"], capture_output=True, text=True)
         if install.returncode != 0:
             print("Flower could not be installed; continuing without it:", install.stderr.strip()[-300:])
             return None
@@ -195,7 +198,15 @@ def main() -> None:
                 print(f"{name} {engine} #{rep}: {json.dumps({k: v for k, v in result.items() if k != 'round_times'})}", flush=True)
         report["workloads"][name] = entry
         Path(args.out).write_text(json.dumps(report, indent=2))
-    print(render_table(report))
+    table = render_table(report)
+    print(table)
+    readme = HERE / "README.md"
+    if readme.is_file() and START in readme.read_text():
+        text = readme.read_text()
+        head, rest = text.split(START, 1)
+        tail = rest.split(END, 1)[1]
+        readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+        print(f"updated {readme}")
 
 
 def render_table(report: dict) -> str:

@@ -6,13 +6,20 @@
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 
 from hydra import compose, initialize_config_module
 
 from fedtorch.build import build
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss, reset by exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main(run_dir: str, overrides: list[str]) -> None:
@@ -27,7 +34,7 @@ def main(run_dir: str, overrides: list[str]) -> None:
                 "round_times": [r["round_time_s"] for r in rows],
                 "median_round_s": statistics.median(r["round_time_s"] for r in rows),
                 "final_accuracy": summary["final_accuracy"],
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     )

@@ -158,6 +158,13 @@ class VectorizedEngine:
         global_vector: torch.Tensor,
         round_idx: int,
     ) -> list[ClientResult]:
+        """Train one cohort (sorted by step count, most first) as a batched computation.
+
+        Because the cohort is sorted, the clients still training at step t are always a
+        prefix of it. When the last clients of that prefix finish, their parameters are
+        read out and the stacked tensors and optimizer state shrink to the clients left,
+        so no compute is spent on finished clients.
+        """
         model, device, k = trainer.model, trainer.device, len(cohort)
         model.train()
         torch.manual_seed(
@@ -176,9 +183,9 @@ class VectorizedEngine:
             return (per_sample * w).sum() / w.sum().clamp_min(1.0), (per_sample, logits)
 
         grad_fn = vmap(grad(loss_fn, has_aux=True), randomness="different")
-        # [K, T, B] indices and 0/1 weights; rows past a client's last step stay zero.
+        # [K, T, B] indices and 0/1 sample weights (padding of short batches has weight 0).
         num_steps = [len(schedules[c][1]) for c in cohort]
-        horizon, batch = max(num_steps), trainer.batch_size
+        horizon, batch = num_steps[0], trainer.batch_size
         all_idx = torch.zeros(k, horizon, batch, dtype=torch.long, device=device)
         all_w = torch.zeros(k, horizon, batch, device=device)
         for row, c in enumerate(cohort):
@@ -188,43 +195,30 @@ class VectorizedEngine:
             all_w[row, : len(sizes)] = (
                 torch.arange(batch, device=device) < sizes_t[:, None]
             ).float()
-        steps = torch.tensor(num_steps, device=device)
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
         seen = torch.zeros(k, device=device)
+        finals: list[torch.Tensor] = [torch.empty(0)] * k  # flat final values per client
+        active = k
         for t in range(horizon):
-            idx, w = all_idx[:, t], all_w[:, t]
+            idx, w = all_idx[:active, t], all_w[:active, t]
             x, y = trainer.train_x[idx], trainer.train_y[idx]
             grads, (per_sample, logits) = grad_fn(params, x, y, w)
-            active = steps > t
-            frozen = None if t < min(num_steps) else {n: p.clone() for n, p in params.items()}
             for n, p in params.items():
                 p.grad = grads[n]
             optimizer.step()
-            if frozen is not None:
-                with torch.no_grad():
-                    for n, p in params.items():
-                        mask = active.view(-1, *([1] * (p.ndim - 1)))
-                        p.copy_(torch.where(mask, p, frozen[n]))
-            loss_sum += (per_sample.detach() * w).sum(1)
-            correct += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
-            seen += w.sum(1)
+            loss_sum[:active] += (per_sample.detach() * w).sum(1)
+            correct[:active] += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
+            seen[:active] += w.sum(1)
+            still = sum(1 for s in num_steps[:active] if s > t + 1)
+            if still < active:
+                flat = self._flatten_stacked(trainer, params, buffers, active)
+                for row in range(still, active):
+                    finals[row] = flat[row]
+                params, optimizer = _shrink(params, optimizer, trainer, still)
+                active = still
 
-        layout = trainer.layout
-        flat = (
-            torch.cat(
-                [
-                    (params[s.name] if s.name in params else buffers[s.name].expand(k, *s.shape))
-                    .reshape(k, -1)
-                    .to(layout.dtype)
-                    for s in layout.specs
-                ],
-                dim=1,
-            )
-            if layout.specs
-            else torch.zeros(k, 0, device=device)
-        )
-        deltas = flat - global_vector
+        deltas = torch.stack(finals) - global_vector
         loss_cpu, correct_cpu, seen_cpu = loss_sum.tolist(), correct.tolist(), seen.tolist()
         return [
             ClientResult(
@@ -235,8 +229,51 @@ class VectorizedEngine:
                 metrics={
                     "train_loss": loss_cpu[row] / max(seen_cpu[row], 1),
                     "train_accuracy": correct_cpu[row] / max(seen_cpu[row], 1),
-                    "steps": len(schedules[c][1]),
+                    "steps": num_steps[row],
                 },
             )
             for row, c in enumerate(cohort)
         ]
+
+    @staticmethod
+    def _flatten_stacked(
+        trainer: ClientTrainer,
+        params: Mapping[str, torch.Tensor],
+        buffers: Mapping[str, torch.Tensor],
+        rows: int,
+    ) -> torch.Tensor:
+        """The ``mean`` keys of the first ``rows`` clients as a [rows, P] matrix."""
+        layout = trainer.layout
+        if not layout.specs:
+            return torch.zeros(rows, 0, device=trainer.device)
+        parts = [
+            (params[s.name] if s.name in params else buffers[s.name].expand(rows, *s.shape))
+            .detach()
+            .reshape(rows, -1)
+            .to(layout.dtype)
+            for s in layout.specs
+        ]
+        return torch.cat(parts, dim=1)
+
+
+def _shrink(
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    trainer: ClientTrainer,
+    rows: int,
+) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """Keep the first ``rows`` clients: slice parameters and per-element optimizer state."""
+    if rows == 0:
+        return params, optimizer
+    kept = {n: p.detach()[:rows].clone() for n, p in params.items()}
+    new_optimizer = trainer.optimizer(list(kept.values()))
+    for old, new in zip(params.values(), kept.values()):
+        state = optimizer.state.get(old)
+        if state:
+            new_optimizer.state[new] = {
+                key: value[:rows].clone()
+                if torch.is_tensor(value) and value.shape == old.shape
+                else value
+                for key, value in state.items()
+            }
+    return kept, new_optimizer
