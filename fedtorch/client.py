@@ -36,6 +36,8 @@ class ClientTrainer:
         epochs: local epochs E over the client's data (ignored when ``steps`` is set).
         steps: exact number of local minibatch steps instead of epochs.
         batch_size: local minibatch size B; the last batch of an epoch may be smaller.
+        train_accuracy: also report local training accuracy (costs three small kernels
+            per step, which matters for tiny models).
         seed: the run seed; batch order and any randomness inside the model (dropout)
             derive from ``(seed, round, client)``, so results do not depend on client order.
 
@@ -53,6 +55,7 @@ class ClientTrainer:
         epochs: int = 1,
         steps: int | None = None,
         batch_size: int = 32,
+        train_accuracy: bool = False,
         seed: int = 0,
     ) -> None:
         if steps is None and (not isinstance(epochs, int) or epochs < 1):
@@ -70,6 +73,7 @@ class ClientTrainer:
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size
+        self.train_accuracy = train_accuracy
         self.seed = seed
         self.device = train_x.device
         self.local_keys = layout.keys("local")
@@ -112,8 +116,13 @@ class ClientTrainer:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
+        delta_out: torch.Tensor,
     ) -> ClientResult:
-        """Train client ``client_id`` from the global weights; return its delta and stats."""
+        """Train client ``client_id`` from the global weights.
+
+        Writes the client's delta (local minus global ``mean`` keys, [P]) into ``delta_out``
+        and returns its sample count, counters and training statistics.
+        """
         model = self.model
         model.load_state_dict(global_state)
         if client_id in self.local_state:
@@ -125,9 +134,9 @@ class ClientTrainer:
         optimizer = self._optimizer
         optimizer.state.clear()
 
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        seen = steps = 0
+        # Per-step statistics stay on the device as a list of scalars: no host sync and
+        # no extra kernels in the loop; they are reduced once at the end.
+        losses, hits = [], []
         batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx)
         for row, size in zip(batches, sizes):
             batch = row[:size]
@@ -137,24 +146,28 @@ class ClientTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(batch)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-            seen += len(batch)
-            steps += 1
+            losses.append(loss.detach())
+            if self.train_accuracy:
+                hits.append((logits.detach().argmax(dim=1) == y).sum())
 
         state = model.state_dict()
+        self.layout.flatten_into(state, delta_out)
+        delta_out.sub_(global_vector)
         if self.local_keys:
             self.local_state[client_id] = {
                 k: state[k].detach().cpu().clone() for k in self.local_keys
             }
+        seen = max(sum(sizes), 1)
+        weights = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        metrics = {
+            "train_loss": float(torch.stack(losses) @ weights) / seen,
+            "steps": len(sizes),
+        }
+        if self.train_accuracy:
+            metrics["train_accuracy"] = float(torch.stack(hits).sum()) / seen
         return ClientResult(
             client_id=client_id,
             num_samples=len(indices),
-            delta=self.layout.flatten(state) - global_vector,
             counters={k: state[k].detach().clone() for k in self.counter_keys},
-            metrics={
-                "train_loss": float(loss_sum) / max(seen, 1),
-                "train_accuracy": float(correct) / max(seen, 1),
-                "steps": steps,
-            },
+            metrics=metrics,
         )

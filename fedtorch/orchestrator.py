@@ -16,7 +16,7 @@ from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
 from fedtorch.metrics import MetricsLogger
-from fedtorch.results import ClientResult
+from fedtorch.results import RoundResults
 from fedtorch.sampling import sample_clients
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
@@ -146,13 +146,15 @@ class Orchestrator:
         checkpoint.write_json(self.run_dir / "summary.json", summary)
         return summary
 
-    def _apply(self, results: Sequence[ClientResult], round_idx: int) -> None:
+    def _apply(self, results: RoundResults, round_idx: int) -> None:
         """Aggregate the clients' results into the global state."""
         self.global_vector = self.strategy.aggregate(self.global_vector, results, round_idx)
         self.layout.unflatten_into(self.global_vector, self.global_state)
         counter_keys = self.layout.keys("max")
         if counter_keys:
-            self.global_state.update(aggregate_max([r.counters for r in results], counter_keys))
+            self.global_state.update(
+                aggregate_max([c.counters for c in results.clients], counter_keys)
+            )
 
     def _evaluate(self) -> dict[str, float]:
         """Test loss/accuracy of the global model (and per-client accuracy if asked)."""
@@ -174,13 +176,13 @@ class Orchestrator:
         return out
 
 
-def _weighted_train_metrics(results: Sequence[ClientResult]) -> dict[str, float]:
+def _weighted_train_metrics(results: RoundResults) -> dict[str, float]:
     """Sample-weighted mean of the clients' local training loss and accuracy."""
-    total = sum(r.num_samples for r in results)
+    total = sum(r.num_samples for r in results.clients)
     if total == 0:
         return {}
     return {
-        key: sum(r.metrics[key] * r.num_samples for r in results) / total
+        key: sum(r.metrics[key] * r.num_samples for r in results.clients) / total
         for key in ("train_loss", "train_accuracy")
-        if all(key in r.metrics for r in results)
+        if all(key in r.metrics for r in results.clients)
     }

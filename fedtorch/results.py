@@ -9,18 +9,39 @@ import torch
 
 @dataclass
 class ClientResult:
-    """What one client sends back after local training.
+    """What one client reports besides its update.
 
     Attributes:
         client_id: index of the client in the partition.
         num_samples: size of the client's local dataset (the FedAvg weight).
-        delta: local minus global values of the ``mean`` keys, flat, shape [P].
         counters: values of the ``max``-rule keys after training (integer buffers).
-        metrics: local training statistics (``train_loss``, ``train_accuracy``, ``steps``).
+        metrics: local training statistics (``train_loss``, ``steps``, ...).
     """
 
     client_id: int
     num_samples: int
-    delta: torch.Tensor
     counters: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundResults:
+    """Everything the clients of one round sent back.
+
+    Attributes:
+        clients: one entry per client that trained, in cohort order.
+        deltas: [K, P] matrix; row i is ``clients[i]``'s local minus global values of the
+            ``mean`` keys. Engines reuse this buffer from round to round: a strategy that
+            keeps deltas beyond ``aggregate`` must copy them.
+    """
+
+    clients: list[ClientResult]
+    deltas: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def sample_counts(self) -> torch.Tensor:
+        """[K] float tensor of the clients' sample counts, on the deltas' device."""
+        counts = [float(c.num_samples) for c in self.clients]
+        return torch.tensor(counts, device=self.deltas.device, dtype=self.deltas.dtype)

@@ -97,6 +97,11 @@ class StateLayout:
             return torch.zeros(0, dtype=self.dtype)
         return torch.cat([state[s.name].reshape(-1).to(self.dtype) for s in self.specs])
 
+    def flatten_into(self, state: Mapping[str, torch.Tensor], out: torch.Tensor) -> None:
+        """Write the ``mean`` keys of ``state`` into the preallocated vector ``out`` [size]."""
+        if self.specs:
+            torch.cat([state[s.name].reshape(-1).to(self.dtype) for s in self.specs], out=out)
+
     def unflatten_into(self, vector: torch.Tensor, state: State) -> None:
         """Copy ``vector`` back into the ``mean`` keys of ``state`` (in place, dtype kept)."""
         for s in self.specs:

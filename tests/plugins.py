@@ -66,6 +66,4 @@ class HalfStepFedAvg(Strategy):
 
     def aggregate(self, global_vector, results, round_idx):
         self.calls += 1
-        deltas = self.stack_deltas(results, global_vector.device)
-        weights = torch.tensor([float(r.num_samples) for r in results])
-        return global_vector + self.step * weighted_average(deltas, weights)
+        return global_vector + self.step * weighted_average(results.deltas, results.sample_counts())

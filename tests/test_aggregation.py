@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult
+from fedtorch.results import ClientResult, RoundResults
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.aggregate import weighted_average
 
 
-def result(cid: int, n: int, delta: list[float]) -> ClientResult:
-    return ClientResult(client_id=cid, num_samples=n, delta=torch.tensor(delta))
+def round_results(sizes: list[int], deltas: list[list[float]]) -> RoundResults:
+    clients = [ClientResult(client_id=i, num_samples=n) for i, n in enumerate(sizes)]
+    return RoundResults(clients, torch.tensor(deltas))
 
 
 def test_weighted_average_by_hand():
@@ -27,7 +28,7 @@ def test_weighted_average_by_hand():
 
 def test_fedavg_weighted_and_uniform():
     w = torch.tensor([1.0, -1.0, 0.5])
-    results = [result(0, 100, [1.0, 0.0, 2.0]), result(1, 300, [-1.0, 4.0, 2.0])]
+    results = round_results([100, 300], [[1.0, 0.0, 2.0], [-1.0, 4.0, 2.0]])
     # weighted: w + (100*d0 + 300*d1)/400 = w + [-0.5, 3.0, 2.0]
     assert torch.allclose(
         FedAvg(weighted=True).aggregate(w, results, 1), torch.tensor([0.5, 2.0, 2.5])
@@ -44,7 +45,7 @@ def test_fedavg_equals_average_of_client_models():
     w = torch.randn(5, generator=gen)
     models = [torch.randn(5, generator=gen) for _ in range(3)]
     sizes = [10, 20, 70]
-    results = [result(i, n, (m - w).tolist()) for i, (m, n) in enumerate(zip(models, sizes))]
+    results = round_results(sizes, [(m - w).tolist() for m in models])
     expected = sum(n * m for n, m in zip(sizes, models)) / sum(sizes)
     assert torch.allclose(FedAvg().aggregate(w, results, 1), expected, atol=1e-6)
 
@@ -76,15 +77,16 @@ def test_batchnorm_buffers_averaged_and_counter_kept_integer():
         s["bn.num_batches_tracked"] = torch.tensor(count)
         clients.append(s)
     g = layout.flatten(base)
-    results = [
-        ClientResult(
-            i, n, layout.flatten(s) - g, {"bn.num_batches_tracked": s["bn.num_batches_tracked"]}
-        )
-        for i, (s, n) in enumerate(zip(clients, (1, 3)))
-    ]
+    results = RoundResults(
+        [
+            ClientResult(i, n, {"bn.num_batches_tracked": s["bn.num_batches_tracked"]})
+            for i, (s, n) in enumerate(zip(clients, (1, 3)))
+        ],
+        torch.stack([layout.flatten(s) - g for s in clients]),
+    )
     new_state = {k: v.clone() for k, v in base.items()}
     layout.unflatten_into(FedAvg().aggregate(g, results, 1), new_state)
-    new_state.update(aggregate_max([r.counters for r in results], layout.keys("max")))
+    new_state.update(aggregate_max([c.counters for c in results.clients], layout.keys("max")))
     # (1*[1,2] + 3*[3,6]) / 4 = [2.5, 5.0]
     assert torch.allclose(new_state["bn.running_mean"], torch.tensor([2.5, 5.0]))
     assert new_state["bn.num_batches_tracked"].dtype == torch.int64

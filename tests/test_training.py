@@ -69,8 +69,12 @@ def test_local_steps_and_epochs():
     assert make(steps=4, batch_size=10).num_steps(25) == 4
     state = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = make(steps=7, batch_size=10)
-    result = trainer.train(0, torch.arange(25), state, layout.flatten(state), 1)
+    vector = layout.flatten(state)
+    delta = torch.empty_like(vector)
+    result = trainer.train(0, torch.arange(25), state, vector, 1, delta)
     assert result.metrics["steps"] == 7
+    assert "train_accuracy" not in result.metrics
+    assert torch.allclose(delta, layout.flatten(model.state_dict()) - vector)
     with pytest.raises(ConfigError, match="^client.batch_size:"):
         make(batch_size=0)
 

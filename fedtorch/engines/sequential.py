@@ -8,7 +8,21 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtorch.client import ClientTrainer
-from fedtorch.results import ClientResult
+from fedtorch.results import RoundResults
+
+
+def delta_buffer(current: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, P] buffer for a round's deltas, reused across rounds when it fits.
+
+    Reusing it keeps memory flat however many rounds run: one round's deltas exist at a
+    time, and no per-round stacking copy is made.
+    """
+    shape = (rows, like.numel())
+    if current is None or current.shape[1] != shape[1] or current.shape[0] < rows:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if current.device != like.device or current.dtype != like.dtype:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return current
 
 
 class SequentialEngine:
@@ -20,6 +34,7 @@ class SequentialEngine:
 
     def __init__(self, verbose: bool = False) -> None:
         self.verbose = verbose
+        self._deltas: torch.Tensor | None = None
 
     def run(
         self,
@@ -29,14 +44,15 @@ class SequentialEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
-    ) -> list[ClientResult]:
-        """Train ``client_ids`` (in the given order) and return their results."""
-        ids = (
-            tqdm(client_ids, desc=f"round {round_idx} clients", leave=False)
-            if self.verbose
-            else client_ids
-        )
-        return [
-            trainer.train(int(cid), shards[int(cid)], global_state, global_vector, round_idx)
-            for cid in ids
+    ) -> RoundResults:
+        """Train ``client_ids`` (in the given order); row i of the deltas is client i's."""
+        self._deltas = delta_buffer(self._deltas, len(client_ids), global_vector)
+        deltas = self._deltas[: len(client_ids)]
+        ids = client_ids
+        if self.verbose:
+            ids = tqdm(client_ids, desc=f"round {round_idx} clients", leave=False)
+        clients = [
+            trainer.train(int(c), shards[int(c)], global_state, global_vector, round_idx, deltas[i])
+            for i, c in enumerate(ids)
         ]
+        return RoundResults(clients=clients, deltas=deltas)

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from fedtorch import seeding
 from fedtorch.client import ClientTrainer
+from fedtorch.engines.sequential import delta_buffer
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult
+from fedtorch.results import ClientResult, RoundResults
 
 _UNSUPPORTED_OPTIMIZERS = (torch.optim.LBFGS,)
 
@@ -93,6 +94,7 @@ class VectorizedEngine:
         self.verbose = verbose
         self._checked = False
         self._auto_size: int | None = None
+        self._deltas: torch.Tensor | None = None
 
     def _check(self, trainer: ClientTrainer) -> None:
         if self._checked:
@@ -128,8 +130,8 @@ class VectorizedEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
-    ) -> list[ClientResult]:
-        """Train ``client_ids``; results come back in the order of ``client_ids``."""
+    ) -> RoundResults:
+        """Train ``client_ids``; row i of the deltas belongs to ``client_ids[i]``."""
         self._check(trainer)
         schedules = {
             int(c): trainer.schedule(int(c), shards[int(c)].to(trainer.device), round_idx)
@@ -140,13 +142,24 @@ class VectorizedEngine:
         cohorts = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
         if self.verbose:
             cohorts = tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False)
+        self._deltas = delta_buffer(self._deltas, len(client_ids), global_vector)
+        deltas = self._deltas[: len(client_ids)]
+        position = {int(c): i for i, c in enumerate(client_ids)}
         results: dict[int, ClientResult] = {}
         for cohort in cohorts:
             for result in self._train_cohort(
-                trainer, cohort, schedules, shards, global_state, global_vector, round_idx
+                trainer,
+                cohort,
+                schedules,
+                shards,
+                global_state,
+                global_vector,
+                round_idx,
+                deltas,
+                [position[c] for c in cohort],
             ):
                 results[result.client_id] = result
-        return [results[int(c)] for c in client_ids]
+        return RoundResults([results[int(c)] for c in client_ids], deltas)
 
     def _train_cohort(
         self,
@@ -157,6 +170,8 @@ class VectorizedEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
+        deltas: torch.Tensor,
+        delta_rows: Sequence[int],
     ) -> list[ClientResult]:
         """Train one cohort (sorted by step count, most first) as a batched computation.
 
@@ -198,7 +213,6 @@ class VectorizedEngine:
         loss_sum = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
         seen = torch.zeros(k, device=device)
-        finals: list[torch.Tensor] = [torch.empty(0)] * k  # flat final values per client
         active = k
         for t in range(horizon):
             idx, w = all_idx[:active, t], all_w[:active, t]
@@ -214,21 +228,23 @@ class VectorizedEngine:
             if still < active:
                 flat = self._flatten_stacked(trainer, params, buffers, active)
                 for row in range(still, active):
-                    finals[row] = flat[row]
+                    torch.sub(flat[row], global_vector, out=deltas[delta_rows[row]])
                 params, optimizer = _shrink(params, optimizer, trainer, still)
                 active = still
 
-        deltas = torch.stack(finals) - global_vector
         loss_cpu, correct_cpu, seen_cpu = loss_sum.tolist(), correct.tolist(), seen.tolist()
         return [
             ClientResult(
                 client_id=c,
                 num_samples=len(shards[c]),
-                delta=deltas[row],
                 counters={key: global_state[key].clone() for key in trainer.counter_keys},
                 metrics={
                     "train_loss": loss_cpu[row] / max(seen_cpu[row], 1),
-                    "train_accuracy": correct_cpu[row] / max(seen_cpu[row], 1),
+                    **(
+                        {"train_accuracy": correct_cpu[row] / max(seen_cpu[row], 1)}
+                        if trainer.train_accuracy
+                        else {}
+                    ),
                     "steps": num_steps[row],
                 },
             )

@@ -10,11 +10,9 @@ Update rule, with n_k the sample count of client k in the round's cohort S:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from fedtorch.results import ClientResult
+from fedtorch.results import RoundResults
 from fedtorch.strategies.aggregate import weighted_average
 from fedtorch.strategies.base import Strategy
 
@@ -26,11 +24,8 @@ class FedAvg(Strategy):
         self.weighted = weighted
 
     def aggregate(
-        self, global_vector: torch.Tensor, results: Sequence[ClientResult], round_idx: int
+        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
     ) -> torch.Tensor:
-        deltas = self.stack_deltas(results, global_vector.device)
-        if self.weighted:
-            weights = torch.tensor([float(r.num_samples) for r in results])
-        else:
-            weights = torch.ones(len(results))
-        return global_vector + weighted_average(deltas, weights.to(global_vector.device))
+        counts = results.sample_counts()
+        weights = counts if self.weighted else torch.ones_like(counts)
+        return global_vector + weighted_average(results.deltas, weights)
