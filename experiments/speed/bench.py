@@ -48,8 +48,12 @@ WORKLOADS = {
     "A": [*COMMON, "model=mlp", "partition=shards", "partition.shards_per_client=2"],
     "B": [*COMMON, "model=cnn", "partition=shards", "partition.shards_per_client=2"],
     "C": [
-        *COMMON, "model=mlp", "partition=dirichlet", "partition.alpha=0.3",
-        "num_clients=1000", "clients_per_round=100",
+        *COMMON,
+        "model=mlp",
+        "partition=dirichlet",
+        "partition.alpha=0.3",
+        "num_clients=1000",
+        "clients_per_round=100",
     ],
 }
 DESCRIPTIONS = {
@@ -71,19 +75,31 @@ def write_spec(name: str, extra: list[str], threads: int, path: Path) -> dict:
     cfg = compose_workload(name, extra)
     orch = build(cfg, Path(tempfile.mkdtemp()))
     data = orch.data
-    cohorts = [sample_clients(cfg.num_clients, cfg.clients_per_round, cfg.seed, r) for r in range(1, cfg.rounds + 1)]
+    cohorts = [
+        sample_clients(cfg.num_clients, cfg.clients_per_round, cfg.seed, r)
+        for r in range(1, cfg.rounds + 1)
+    ]
     model_cls = type(orch.model)
     kwargs = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
     if "hidden" in cfg.model:
         kwargs["hidden"] = list(cfg.model.hidden)
     spec = {
-        "train_x": data.train_x, "train_y": data.train_y, "test_x": data.test_x, "test_y": data.test_y,
-        "shards": [s.cpu() for s in orch.shards], "cohorts": cohorts,
+        "train_x": data.train_x,
+        "train_y": data.train_y,
+        "test_x": data.test_x,
+        "test_y": data.test_y,
+        "shards": [s.cpu() for s in orch.shards],
+        "cohorts": cohorts,
         "init_state": {k: v.cpu() for k, v in orch.global_state.items()},
         "model_factory": functools.partial(model_cls, **kwargs),
-        "lr": cfg.client.optimizer.lr, "batch_size": cfg.client.batch_size, "epochs": cfg.client.epochs,
-        "seed": cfg.seed, "threads": threads, "rounds": cfg.rounds,
-        "num_clients": cfg.num_clients, "clients_per_round": cfg.clients_per_round,
+        "lr": cfg.client.optimizer.lr,
+        "batch_size": cfg.client.batch_size,
+        "epochs": cfg.client.epochs,
+        "seed": cfg.seed,
+        "threads": threads,
+        "rounds": cfg.rounds,
+        "num_clients": cfg.num_clients,
+        "clients_per_round": cfg.clients_per_round,
     }
     torch.save(spec, path)
     samples = sum(len(spec["shards"][c]) for cohort in cohorts for c in cohort) * cfg.client.epochs
@@ -113,22 +129,41 @@ def compute_floor(factory, input_shape, threads: int) -> dict[int, float]:
     return rates
 
 
-def run_engine(engine: str, workload: str, spec: Path, extra: list[str], threads: int, flower_python: str | None) -> dict:
+def run_engine(
+    engine: str,
+    workload: str,
+    spec: Path,
+    extra: list[str],
+    threads: int,
+    flower_python: str | None,
+    flower_rounds: int,
+) -> dict:
     # PYTHONPATH: the spec pickles fedtorch's model classes (plain nn.Modules); Flower's venv
     # and its Ray workers import them from this checkout.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parents[1])}
     if engine == "reference":
         cmd = [sys.executable, str(HERE / "reference.py"), str(spec)]
     elif engine == "flower":
-        cmd = [flower_python, str(HERE / "flower_run.py"), str(spec)]
+        cmd = [flower_python, str(HERE / "flower_run.py"), str(spec), str(flower_rounds)]
     else:
         run_dir = tempfile.mkdtemp()
-        cmd = [sys.executable, str(HERE / "fedtorch_run.py"), run_dir, *WORKLOADS[workload], *extra,
-               f"engine={engine}", f"torch_threads={threads}"]
+        cmd = [
+            sys.executable,
+            str(HERE / "fedtorch_run.py"),
+            run_dir,
+            *WORKLOADS[workload],
+            *extra,
+            f"engine={engine}",
+            f"torch_threads={threads}",
+        ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - t0
     result["median_round_s"] = statistics.median(result["round_times"])
@@ -149,9 +184,16 @@ def flower_python(skip: bool) -> str | None:
         (site / "base_env.pth").write_text(
             next(p for p in sys.path if p.endswith("site-packages")) + "\n"
         )
-        install = subprocess.run([python, "-m", "pip", "install", "-q", "flwr[simulation]", "psutil"], capture_output=True, text=True)
+        install = subprocess.run(
+            [python, "-m", "pip", "install", "-q", "flwr[simulation]", "psutil"],
+            capture_output=True,
+            text=True,
+        )
         if install.returncode != 0:
-            print("Flower could not be installed; continuing without it:", install.stderr.strip()[-300:])
+            print(
+                "Flower could not be installed; continuing without it:",
+                install.stderr.strip()[-300:],
+            )
             return None
     check = subprocess.run([python, "-c", "import flwr, ray"], capture_output=True, text=True)
     if check.returncode != 0:
@@ -167,6 +209,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--flower-rounds",
+        type=int,
+        default=3,
+        help="rounds Flower runs (it is ~20-100x slower; its accuracy is then not comparable)",
+    )
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
@@ -176,8 +224,11 @@ def main() -> None:
         engines.remove("flower")
     extra = [f"data.root={args.data_root}", f"rounds={args.rounds}"]
     report = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {args.threads} threads",
         "date": time.strftime("%Y-%m-%d"),
+        "flower_rounds": args.flower_rounds,
+        "repeats": args.repeats,
         "workloads": {},
     }
     workdir = Path(tempfile.mkdtemp())
@@ -187,15 +238,25 @@ def main() -> None:
         spec = torch.load(spec_path, weights_only=False)
         floor = compute_floor(info["factory"], tuple(spec["train_x"].shape[1:]), args.threads)
         entry = {
-            "description": DESCRIPTIONS[name], "samples": info["samples"],
+            "description": DESCRIPTIONS[name],
+            "samples": info["samples"],
             "floor_samples_per_s": {str(k): round(v) for k, v in floor.items()},
-            "floor_s": info["samples"] / max(floor.values()), "runs": {e: [] for e in engines},
+            "floor_s": info["samples"] / max(floor.values()),
+            "runs": {e: [] for e in engines},
         }
         for rep in range(args.repeats):
             for engine in engines:
-                result = run_engine(engine, name, spec_path, extra, args.threads, fl_python)
+                if engine == "flower" and rep > 0:
+                    continue  # one Flower run per workload: it dominates the benchmark's time
+                result = run_engine(
+                    engine, name, spec_path, extra, args.threads, fl_python, args.flower_rounds
+                )
                 entry["runs"][engine].append(result)
-                print(f"{name} {engine} #{rep}: {json.dumps({k: v for k, v in result.items() if k != 'round_times'})}", flush=True)
+                print(
+                    f"{name} {engine} #{rep}: "
+                    + json.dumps({k: v for k, v in result.items() if k != "round_times"}),
+                    flush=True,
+                )
         report["workloads"][name] = entry
         Path(args.out).write_text(json.dumps(report, indent=2))
     table = render_table(report)
@@ -210,25 +271,50 @@ def main() -> None:
 
 
 def render_table(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}; {report['date']}.", ""]
-    lines.append("| workload | engine | median round (s) | samples/s | vs reference | vs floor | final acc (%) | peak RSS (MB) |")
+    lines = [
+        f"Machine: {report['machine']}; {report['date']}; median of {report['repeats']} "
+        f"interleaved run(s) per engine, Flower once for {report['flower_rounds']} rounds.",
+        "",
+    ]
+    lines.append(
+        "| workload | engine | median round (s) | samples/s | vs reference | vs floor "
+        "| final acc (%) | peak RSS (MB) |"
+    )
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, w in report["workloads"].items():
-        ref = _median([r["median_round_s"] for r in w["runs"].get("reference", []) if "error" not in r])
-        rounds = len(next((r["round_times"] for runs in w["runs"].values() for r in runs if "round_times" in r), [1]))
+        ref = _median(
+            [r["median_round_s"] for r in w["runs"].get("reference", []) if "error" not in r]
+        )
+        rounds = len(
+            next(
+                (
+                    r["round_times"]
+                    for runs in w["runs"].values()
+                    for r in runs
+                    if "round_times" in r
+                ),
+                [1],
+            )
+        )
         per_round_samples = w["samples"] / max(rounds, 1)
         floor_round = w["floor_s"] / max(rounds, 1)
         for engine, runs in w["runs"].items():
             ok = [r for r in runs if "error" not in r]
             if not ok:
-                lines.append(f"| {name} | {engine} | failed: {runs[0]['error'] if runs else 'not run'} | | | | | |")
+                lines.append(
+                    f"| {name} | {engine} | failed: {runs[0]['error'] if runs else 'not run'} "
+                    "| | | | | |"
+                )
                 continue
             med = _median([r["median_round_s"] for r in ok])
             speedup = f"{ref / med:.2f}x" if ref else ""
+            accuracy = 100 * _median([r["final_accuracy"] for r in ok])
+            acc_text = f"{accuracy:.2f}"
+            if len(ok[0]["round_times"]) < rounds:
+                acc_text += f" (after {len(ok[0]['round_times'])} rounds)"
             lines.append(
                 f"| {name} | {engine} | {med:.3f} | {per_round_samples / med:,.0f} | {speedup} | "
-                f"{med / floor_round:.2f}x floor | {100 * _median([r['final_accuracy'] for r in ok]):.2f} | "
-                f"{max(r['peak_rss_mb'] for r in ok):.0f} |"
+                f"{med / floor_round:.2f}x | {acc_text} | {max(r['peak_rss_mb'] for r in ok):.0f} |"
             )
     return "\n".join(lines)
 

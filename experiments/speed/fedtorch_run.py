@@ -1,6 +1,6 @@
 """Run one fedtorch job in this process and print one JSON line (for bench.py).
 
-    python fedtorch_run.py RUN_DIR override [override ...]
+python fedtorch_run.py RUN_DIR override [override ...]
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from fedtorch.build import build
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory (VmHWM; unlike ru_maxrss, reset by exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return float("nan")
 
 

@@ -27,6 +27,7 @@ from flwr.server.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 SPEC_PATH = sys.argv[1] if len(sys.argv) > 1 else ""
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else None
 _cache: dict = {}
 
 
@@ -82,7 +83,12 @@ def main() -> None:
         set_weights(model, parameters)
         model.eval()
         with torch.no_grad():
-            pred = torch.cat([model(s["test_x"][i : i + 1000]).argmax(1) for i in range(0, len(s["test_x"]), 1000)])
+            pred = torch.cat(
+                [
+                    model(s["test_x"][i : i + 1000]).argmax(1)
+                    for i in range(0, len(s["test_x"]), 1000)
+                ]
+            )
         accuracy[0] = float((pred == s["test_y"]).float().mean())
         stamps.append(time.perf_counter())
         return 0.0, {"accuracy": accuracy[0]}
@@ -99,7 +105,9 @@ def main() -> None:
             on_fit_config_fn=lambda r: {"round": r},
             initial_parameters=ndarrays_to_parameters(init),
         )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=s["rounds"]))
+        return ServerAppComponents(
+            strategy=strategy, config=ServerConfig(num_rounds=ROUNDS or s["rounds"])
+        )
 
     peak = [0.0]
     done = threading.Event()
@@ -123,7 +131,15 @@ def main() -> None:
     )
     done.set()
     round_times = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
-    print(json.dumps({"round_times": round_times, "final_accuracy": accuracy[0], "peak_rss_mb": peak[0] / 2**20}))
+    print(
+        json.dumps(
+            {
+                "round_times": round_times,
+                "final_accuracy": accuracy[0],
+                "peak_rss_mb": peak[0] / 2**20,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
