@@ -2,5 +2,6 @@
 
 from fedtorch.strategies.base import Strategy
 from fedtorch.strategies.fedavg import FedAvg
+from fedtorch.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
-__all__ = ["FedAvg", "Strategy"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy"]
