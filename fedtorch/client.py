@@ -128,8 +128,9 @@ class ClientTrainer:
         if client_id in self.local_state:
             model.load_state_dict(self.local_state[client_id], strict=False)
         model.train()
-        torch.manual_seed(
-            seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
+        seeding.seed_torch(
+            seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id),
+            self.device,
         )
         optimizer = self._optimizer
         optimizer.state.clear()

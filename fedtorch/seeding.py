@@ -32,3 +32,15 @@ def generator(seed: int, *path: int, device: str | torch.device = "cpu") -> torc
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(seed, *path))
     return gen
+
+
+def seed_torch(seed: int, device: torch.device) -> None:
+    """Seed PyTorch's global generators for ``device`` (randomness inside models: dropout).
+
+    Unlike ``torch.manual_seed``, this does not queue a lazy seeding call for every
+    accelerator backend on each use (which costs a stack trace per call and grows a queue
+    when CUDA is not initialised): only the CPU generator and, on CUDA, that device's.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)

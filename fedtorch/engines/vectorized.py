@@ -182,8 +182,8 @@ class VectorizedEngine:
         """
         model, device, k = trainer.model, trainer.device, len(cohort)
         model.train()
-        torch.manual_seed(
-            seeding.derive_seed(trainer.seed, seeding.CLIENT_TRAINING, round_idx, cohort[0])
+        seeding.seed_torch(
+            seeding.derive_seed(trainer.seed, seeding.CLIENT_TRAINING, round_idx, cohort[0]), device
         )
         param_names = [n for n, _ in model.named_parameters()]
         params = {
