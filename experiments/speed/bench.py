@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
+from fedtorch import seeding
 from fedtorch.build import build
 from fedtorch.sampling import sample_clients
 
@@ -96,6 +97,13 @@ def write_spec(name: str, extra: list[str], threads: int, path: Path) -> dict:
         "batch_size": cfg.client.batch_size,
         "epochs": cfg.client.epochs,
         "seed": cfg.seed,
+        # Batch-order seed of every (round, client): the same random stream fedtorch uses,
+        # so all loops see the same minibatches.
+        "batch_seeds": {
+            (r, c): seeding.derive_seed(cfg.seed, seeding.CLIENT_TRAINING, r, c)
+            for r, cohort in enumerate(cohorts, start=1)
+            for c in cohort
+        },
         "threads": threads,
         "rounds": cfg.rounds,
         "num_clients": cfg.num_clients,

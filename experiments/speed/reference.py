@@ -44,7 +44,7 @@ def main(spec_path: str) -> None:
             idx = spec["shards"][c]
             model.load_state_dict(global_state)
             opt = torch.optim.SGD(model.parameters(), lr=lr)
-            gen = torch.Generator().manual_seed(spec["seed"] * 1_000_003 + r * 10_007 + c)
+            gen = torch.Generator().manual_seed(spec["batch_seeds"][(r, c)])
             for _ in range(epochs):
                 order = idx[torch.randperm(len(idx), generator=gen)]
                 for start in range(0, len(order), batch):
