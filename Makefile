@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench lint clean
+.PHONY: help install test test-full train sweep bench reproduce lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,12 +31,15 @@ sweep: ## a seeds x alpha sweep of the quickstart, then its report
 		logger=quiet hydra.sweep.dir=outputs/multirun/sweep-$(EXPERIMENT) $(ARGS)
 	$(PY) -m fedtorch.report outputs/multirun/sweep-$(EXPERIMENT)
 
-bench: ## the recorded experiments: NIID-Bench FedAvg on Fashion-MNIST, Dir(0.5), 50 rounds
+bench: ## speed benchmark: reference loop vs fedtorch engines vs Flower (experiments/speed)
+	$(PY) experiments/speed/bench.py $(ARGS)
+
+reproduce: ## NIID-Bench FedAvg on Fashion-MNIST, Dir(0.5), 50 rounds (experiments/fmnist_dirichlet)
 	PATH="$(abspath $(VENV))/bin:$$PATH" experiments/fmnist_dirichlet/run.sh $(ARGS)
 
 lint: ## ruff lint and format check
-	$(PY) -m ruff check fedtorch tests
-	$(PY) -m ruff format --check fedtorch tests
+	$(PY) -m ruff check fedtorch tests experiments
+	$(PY) -m ruff format --check fedtorch tests experiments
 
 clean: ## remove caches, build files and run outputs (not .venv, not data)
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache outputs multirun

@@ -17,12 +17,16 @@ def delta_buffer(current: torch.Tensor | None, rows: int, like: torch.Tensor) ->
     Reusing it keeps memory flat however many rounds run: one round's deltas exist at a
     time, and no per-round stacking copy is made.
     """
-    shape = (rows, like.numel())
-    if current is None or current.shape[1] != shape[1] or current.shape[0] < rows:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    if current.device != like.device or current.dtype != like.dtype:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    return current
+    fits = (
+        current is not None
+        and current.shape[0] >= rows
+        and current.shape[1] == like.numel()
+        and current.device == like.device
+        and current.dtype == like.dtype
+    )
+    return (
+        current if fits else torch.empty(rows, like.numel(), dtype=like.dtype, device=like.device)
+    )
 
 
 class SequentialEngine:

@@ -12,10 +12,11 @@ Clients differ in size, so in batch counts and in the size of the last batch of 
 
 * a batch smaller than B is padded and masked: the loss is the mean over the real samples
   only, which gives the same gradient as the unpadded batch;
-* clients are grouped into cohorts by step count (most steps first); a client that has
-  finished its steps is frozen: its parameters are restored after the optimizer step.
+* clients are sorted into cohorts by step count (most steps first), so the clients still
+  training are always a prefix of the cohort; when clients finish, their deltas are read
+  out and the stacked parameters and optimizer state shrink to the rest.
 
-Every client uses the same batch schedule as in the sequential engine (``trainer.batches``),
+Every client uses the same batch schedule as in the sequential engine (``trainer.schedule``),
 so results agree with it to float tolerance. Not supported (a ConfigError names
 ``engine=sequential`` as the alternative): BatchNorm in training mode (running statistics
 are updated in place), ``local``-rule keys, and non-element-wise optimizers (LBFGS).
