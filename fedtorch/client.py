@@ -36,6 +36,9 @@ class ClientTrainer:
         epochs: local epochs E over the client's data (ignored when ``steps`` is set).
         steps: exact number of local minibatch steps instead of epochs.
         batch_size: local minibatch size B; the last batch of an epoch may be smaller.
+        prox_mu: FedProx (Li et al. 2020) proximal weight mu: the local objective becomes
+            F_k(w) + mu/2 ||w - w_t||^2, i.e. mu (w - w_t) is added to every gradient.
+            0 is plain local training.
         train_accuracy: also report local training accuracy (costs three small kernels
             per step, which matters for tiny models).
         seed: the run seed; batch order and any randomness inside the model (dropout)
@@ -56,6 +59,7 @@ class ClientTrainer:
         steps: int | None = None,
         batch_size: int = 32,
         train_accuracy: bool = False,
+        prox_mu: float = 0.0,
         seed: int = 0,
     ) -> None:
         if steps is None and (not isinstance(epochs, int) or epochs < 1):
@@ -74,6 +78,10 @@ class ClientTrainer:
         self.steps = steps
         self.batch_size = batch_size
         self.train_accuracy = train_accuracy
+        if isinstance(prox_mu, bool) or not isinstance(prox_mu, (int, float)) or prox_mu < 0:
+            raise ConfigError("client.prox_mu", f"must be a number >= 0, got {prox_mu!r}")
+        self.prox_mu = float(prox_mu)
+        self._param_names = [n for n, _ in model.named_parameters()]
         self.seed = seed
         self.device = train_x.device
         self.local_keys = layout.keys("local")
@@ -134,6 +142,7 @@ class ClientTrainer:
         )
         optimizer = self._optimizer
         optimizer.state.clear()
+        anchors = [global_state[n] for n in self._param_names] if self.prox_mu else []
 
         # Per-step statistics stay on the device as a list of scalars: no host sync and
         # no extra kernels in the loop; they are reduced once at the end.
@@ -146,6 +155,8 @@ class ClientTrainer:
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.prox_mu:
+                self._add_proximal_gradient(anchors)
             optimizer.step()
             losses.append(loss.detach())
             if self.train_accuracy:
@@ -172,3 +183,9 @@ class ClientTrainer:
             counters={k: state[k].detach().clone() for k in self.counter_keys},
             metrics=metrics,
         )
+
+    def _add_proximal_gradient(self, anchors: list[torch.Tensor]) -> None:
+        """FedProx: grad += mu * (w - w_t) for every parameter that has a gradient."""
+        for param, anchor in zip(self.model.parameters(), anchors):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor, alpha=self.prox_mu)

@@ -34,6 +34,7 @@ def final_vector(tmp_path, engine, extra=()):
         [*SGD_MOMENTUM, "engine.cohort_size=2"],  # several cohorts per round
         ["client=adam", "client.steps=7", "client.optimizer.lr=0.01"],  # fixed steps, Adam
         ["clients_per_round=3", "client.batch_size=64"],
+        [*SGD_MOMENTUM, "strategy=fedprox", "client.prox_mu=0.5"],  # FedProx term
     ],
 )
 def test_vectorized_matches_sequential(tmp_path, extra):

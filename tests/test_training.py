@@ -141,3 +141,50 @@ def test_real_fashion_mnist_two_rounds(tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary["rounds_completed"] == 2
     assert summary["best_accuracy"] > 0.60, summary
+
+
+def test_fedprox_local_update_by_hand():
+    """Two local SGD steps with the proximal term: w <- w - lr (g(w) + mu (w - w_t))."""
+    from fedtorch.state import StateLayout
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    layout = StateLayout(model.state_dict())
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    lr, mu = 0.1, 0.5
+    trainer = ClientTrainer(
+        model,
+        layout,
+        x,
+        y,
+        lambda p: torch.optim.SGD(p, lr=lr),
+        steps=2,
+        batch_size=4,
+        prox_mu=mu,
+    )
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    batches, sizes = trainer.schedule(0, torch.arange(8), 1)
+
+    w, b = w_t["weight"].clone(), w_t["bias"].clone()
+    for row, size in zip(batches, sizes):
+        idx = row[:size]
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(x[idx] @ wg.T + bg, y[idx])
+        gw, gb = torch.autograd.grad(loss, (wg, bg))
+        w = w - lr * (gw + mu * (w - w_t["weight"]))
+        b = b - lr * (gb + mu * (b - w_t["bias"]))
+
+    vector = layout.flatten(w_t)
+    delta = torch.empty_like(vector)
+    trainer.train(0, torch.arange(8), w_t, vector, 1, delta)
+    expected = torch.cat([w.reshape(-1), b]) - vector
+    assert torch.allclose(delta, expected, atol=1e-6)
+    # mu changes the result: the second step is pulled back towards w_t.
+    plain = ClientTrainer(
+        model, layout, x, y, lambda p: torch.optim.SGD(p, lr=lr), steps=2, batch_size=4
+    )
+    plain_delta = torch.empty_like(vector)
+    plain.train(0, torch.arange(8), w_t, vector, 1, plain_delta)
+    assert not torch.allclose(plain_delta, delta)
+    with pytest.raises(ConfigError, match="^client.prox_mu:"):
+        ClientTrainer(model, layout, x, y, torch.optim.SGD, prox_mu=-1.0)

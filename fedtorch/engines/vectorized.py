@@ -221,6 +221,8 @@ class VectorizedEngine:
             grads, (per_sample, logits) = grad_fn(params, x, y, w)
             for n, p in params.items():
                 p.grad = grads[n]
+                if trainer.prox_mu:  # FedProx: + mu (w - w_t), w_t broadcast over clients
+                    p.grad.add_(p - global_state[n], alpha=trainer.prox_mu)
             optimizer.step()
             loss_sum[:active] += (per_sample.detach() * w).sum(1)
             correct[:active] += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
