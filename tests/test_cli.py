@@ -78,15 +78,8 @@ def test_plugin_model_dataset_partitioner_strategy(tmp_path):
             "model._target_=tests.plugins.TinyNet",
             "+model.in_features=4",
             "data._target_=tests.plugins.blobs",
-            "~data.num_train",
-            "~data.num_test",
-            "~data.num_classes",
-            "~data.input_shape",
-            "~data.noise",
-            "~data.seed",
             "partition._target_=tests.plugins.first_half_split",
             "strategy._target_=tests.plugins.HalfStepFedAvg",
-            "~strategy.weighted",
             "+strategy.step=0.5",
             "rounds=8",
             f"hydra.run.dir={run_dir}",
@@ -94,6 +87,8 @@ def test_plugin_model_dataset_partitioner_strategy(tmp_path):
         cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
+    # Keys of the replaced default options are dropped with a warning, not passed on.
+    assert "ignoring data.num_train" in proc.stdout + proc.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == "blobs"
     assert summary["partition"]["assigned_samples"] == 240  # half of 480 training samples
@@ -107,12 +102,6 @@ def test_plugin_dataset_as_torch_datasets(tmp_path):
             *FAST,
             "model=mlp",
             "data._target_=tests.plugins.tensor_datasets",
-            "~data.num_train",
-            "~data.num_test",
-            "~data.num_classes",
-            "~data.input_shape",
-            "~data.noise",
-            "~data.seed",
             f"hydra.run.dir={run_dir}",
         ],
         cwd=REPO,

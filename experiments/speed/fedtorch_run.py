@@ -10,17 +10,9 @@ import statistics
 import sys
 
 from hydra import compose, initialize_config_module
+from memory import peak_rss_mb
 
 from fedtorch.build import build
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss, reset by exec)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(run_dir: str, overrides: list[str]) -> None:

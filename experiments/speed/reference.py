@@ -15,15 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss, reset by exec)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from memory import peak_rss_mb
 
 
 def main(spec_path: str) -> None:
