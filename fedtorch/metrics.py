@@ -49,7 +49,6 @@ class MetricsLogger:
         jsonl: bool = True,
         plot: bool = True,
         progress: bool = True,
-        start_round: int = 0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.plot = plot
@@ -60,7 +59,7 @@ class MetricsLogger:
         if self._csv_file:
             self._csv = _csv_writer(self._csv_file)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "w") if jsonl else None  # noqa: SIM115
-        self._bar_args = {"total": rounds, "initial": start_round, "disable": not progress}
+        self._bar_args = {"total": rounds, "disable": not progress}
         self._bar: tqdm | None = None
 
     def start(self) -> None:

@@ -74,11 +74,7 @@ class Orchestrator:
         self.logger = logger
         self.run_dir = Path(run_dir)
         self.extra_summary = extra_summary or {}
-        self.owner = torch.full(
-            (len(data.train_y),), -1, dtype=torch.long, device=data.train_y.device
-        )
-        for cid, shard in enumerate(self.shards):
-            self.owner[shard.to(self.owner.device)] = cid
+        self.owner = self._owner_map() if settings.eval_clients else None
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.global_vector = layout.flatten(self.global_state)
         self.bytes_down_per_client = layout.bytes_of(self.global_state, ("mean", "max", "keep"))
@@ -155,6 +151,14 @@ class Orchestrator:
             self.global_state.update(
                 aggregate_max([c.counters for c in results.clients], counter_keys)
             )
+
+    def _owner_map(self) -> torch.Tensor:
+        """owner[i] = client holding training sample i, -1 if none (for per-client eval)."""
+        y = self.data.train_y
+        owner = torch.full((len(y),), -1, dtype=torch.long, device=y.device)
+        for cid, shard in enumerate(self.shards):
+            owner[shard.to(y.device)] = cid
+        return owner
 
     def _evaluate(self) -> dict[str, float]:
         """Test loss/accuracy of the global model (and per-client accuracy if asked)."""

@@ -111,7 +111,11 @@ def write_spec(name: str, extra: list[str], threads: int, path: Path) -> dict:
     }
     torch.save(spec, path)
     samples = sum(len(spec["shards"][c]) for cohort in cohorts for c in cohort) * cfg.client.epochs
-    return {"samples": samples, "model": model_cls.__name__, "factory": spec["model_factory"]}
+    return {
+        "samples": samples,
+        "factory": spec["model_factory"],
+        "input_shape": tuple(data.input_shape),
+    }
 
 
 def compute_floor(factory, input_shape, threads: int) -> dict[int, float]:
@@ -243,8 +247,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         spec_path = workdir / f"{name}.pt"
         info = write_spec(name, extra, args.threads, spec_path)
-        spec = torch.load(spec_path, weights_only=False)
-        floor = compute_floor(info["factory"], tuple(spec["train_x"].shape[1:]), args.threads)
+        floor = compute_floor(info["factory"], info["input_shape"], args.threads)
         entry = {
             "description": DESCRIPTIONS[name],
             "samples": info["samples"],

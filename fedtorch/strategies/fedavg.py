@@ -23,9 +23,13 @@ class FedAvg(Strategy):
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
+    def average_delta(self, results: RoundResults) -> torch.Tensor:
+        """The round's average client delta [P]: sample-weighted, or uniform."""
+        counts = results.sample_counts()
+        weights = counts if self.weighted else torch.ones_like(counts)
+        return weighted_average(results.deltas, weights)
+
     def aggregate(
         self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
     ) -> torch.Tensor:
-        counts = results.sample_counts()
-        weights = counts if self.weighted else torch.ones_like(counts)
-        return global_vector + weighted_average(results.deltas, weights)
+        return global_vector + self.average_delta(results)

@@ -11,34 +11,29 @@ import torch
 
 from fedtorch.errors import ConfigError
 from fedtorch.results import RoundResults
-from fedtorch.strategies.aggregate import weighted_average
-from fedtorch.strategies.base import Strategy
+from fedtorch.strategies.fedavg import FedAvg
 from fedtorch.strategies.server_optimizers import adaptive_step, momentum_step
 
 
-def _check(key: str, value: float, low: float, high: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low
+def _check(key: str, value: float, low: float, high: float | None = None, *, open_low=False):
+    """ConfigError unless ``low <= value < high`` (``low < value`` when ``open_low``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (value > low if open_low else value >= low)
     if high is not None:
         ok = ok and value < high
     if not ok:
-        allowed = f"in [{low}, {high})" if high is not None else f">= {low}"
+        lower = f"> {low}" if open_low else f">= {low}"
+        allowed = f"{lower} and < {high}" if high is not None else lower
         raise ConfigError(f"strategy.{key}", f"must be {allowed}, got {value!r}")
 
 
-class _ServerOptimizer(Strategy):
-    """Average the client deltas (weighted by samples, or uniformly), then step."""
+class _ServerOptimizer(FedAvg):
+    """FedAvg's average delta (weighted by samples, or uniformly), then a server step."""
 
     def __init__(self, server_lr: float, weighted: bool = True) -> None:
-        _check("server_lr", server_lr, 0.0)
-        if server_lr == 0:
-            raise ConfigError("strategy.server_lr", "must be > 0, got 0")
+        super().__init__(weighted)
+        _check("server_lr", server_lr, 0.0, open_low=True)
         self.server_lr = server_lr
-        self.weighted = weighted
-
-    def average_delta(self, results: RoundResults) -> torch.Tensor:
-        counts = results.sample_counts()
-        weights = counts if self.weighted else torch.ones_like(counts)
-        return weighted_average(results.deltas, weights)
 
 
 class FedAvgM(_ServerOptimizer):
@@ -82,9 +77,7 @@ class _Adaptive(_ServerOptimizer):
         super().__init__(server_lr, weighted)
         _check("beta1", beta1, 0.0, 1.0)
         _check("beta2", beta2, 0.0, 1.0)
-        _check("tau", tau, 0.0)
-        if tau == 0:
-            raise ConfigError("strategy.tau", "must be > 0 (it bounds the step size), got 0")
+        _check("tau", tau, 0.0, open_low=True)  # tau > 0 bounds the step size
         self.beta1, self.beta2, self.tau = beta1, beta2, tau
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
