@@ -25,7 +25,8 @@ from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
-from fedtorch.state import StateLayout
+from fedtorch.state import StateLayout, expand_key_rules
+from fedtorch.strategies.base import RunContext
 from fedtorch.validate import resolve_device, validate_config
 
 log = logging.getLogger("fedtorch")
@@ -176,6 +177,23 @@ def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.
     return model
 
 
+def _run_context(
+    cfg: DictConfig, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
+) -> RunContext:
+    optimizer = trainer.local_optimizer
+    params = [n for n, _ in trainer.model.named_parameters()]
+    return RunContext(
+        num_clients=cfg.num_clients,
+        clients_per_round=clients_per_round,
+        size=layout.size,
+        param_mask=layout.mask(params),
+        optimizer=type(optimizer),
+        optimizer_defaults=dict(optimizer.defaults),
+        prox_mu=trainer.prox_mu,
+        run_dir=run_dir,
+    )
+
+
 def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     """Validate ``cfg`` and assemble every component of the run writing to ``run_dir``.
 
@@ -204,7 +222,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     checkpoint.write_json(run_dir / "partition.json", stats)
 
     model = _setup_model(cfg, data, device)
-    layout = StateLayout(model.state_dict(), OmegaConf.to_container(cfg.key_rules))
+    key_rules = expand_key_rules(model, OmegaConf.to_container(cfg.key_rules))
+    layout = StateLayout(model.state_dict(), key_rules)
     trainer = _instantiate(
         cfg.client,
         "client",
@@ -216,6 +235,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     )
     engine = _instantiate(cfg.engine, "engine")
     strategy = _instantiate(cfg.strategy, "strategy")
+    strategy.bind(_run_context(cfg, trainer, layout, clients_per_round, run_dir))
+    system = _instantiate(cfg.system, "system", seed=cfg.seed)
+    attack = _instantiate(cfg.attack, "attack", num_clients=cfg.num_clients, seed=cfg.seed)
     logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
 
     settings = RunSettings(
@@ -238,5 +260,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         settings=settings,
         logger=logger,
         run_dir=run_dir,
+        system=system,
+        attack=attack,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

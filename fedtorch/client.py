@@ -16,7 +16,7 @@ from torch import nn
 
 from fedtorch import seeding
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult
+from fedtorch.results import ClientResult, ClientTask
 from fedtorch.state import StateLayout
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -73,7 +73,7 @@ class ClientTrainer:
         self.train_x = train_x
         self.train_y = train_y
         self.optimizer = optimizer
-        self._optimizer = optimizer(model.parameters())
+        self.local_optimizer = optimizer(model.parameters())
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size
@@ -84,23 +84,29 @@ class ClientTrainer:
         self._param_names = [n for n, _ in model.named_parameters()]
         self.seed = seed
         self.device = train_x.device
+        self.num_classes = int(train_y.max()) + 1 if len(train_y) else 0
         self.local_keys = layout.keys("local")
         self.counter_keys = layout.keys("max")
         # Per-client values of `local`-rule keys, kept on the CPU between rounds.
         self.local_state: dict[int, dict[str, torch.Tensor]] = {}
 
-    def num_steps(self, num_samples: int) -> int:
-        """Local steps a client with ``num_samples`` samples takes in one round."""
+    def num_steps(self, num_samples: int, steps: int | None = None) -> int:
+        """Local steps a client with ``num_samples`` samples takes in one round.
+
+        ``steps`` (a :class:`ClientTask` override) wins over the configured epochs/steps.
+        """
+        if steps is not None:
+            return steps
         if self.steps is not None:
             return self.steps
         return self.epochs * math.ceil(num_samples / self.batch_size)
 
     def schedule(
-        self, client_id: int, indices: torch.Tensor, round_idx: int
+        self, client_id: int, indices: torch.Tensor, round_idx: int, steps: int | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """The client's minibatches this round, as a padded index matrix.
 
-        Returns ``(batches, sizes)``: ``batches`` is [S, B] (S = ``num_steps``), row ``s``
+        Returns ``(batches, sizes)``: ``batches`` is [S, B] (S = ``num_steps(n, steps)``), row ``s``
         holding the indices of step ``s`` in its first ``sizes[s]`` entries (the last batch
         of an epoch may be short; the rest is padding). Samples are reshuffled every epoch
         with a generator seeded by (seed, round, client). Every engine uses this schedule,
@@ -109,7 +115,7 @@ class ClientTrainer:
         gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
         n, width = len(indices), self.batch_size
         per_epoch = math.ceil(n / width)
-        total = self.num_steps(n)
+        total = self.num_steps(n, steps)
         epochs = math.ceil(total / per_epoch)
         padded = torch.zeros(epochs, per_epoch * width, dtype=torch.long, device=indices.device)
         for epoch in range(epochs):
@@ -119,18 +125,19 @@ class ClientTrainer:
 
     def train(
         self,
-        client_id: int,
+        task: ClientTask,
         indices: torch.Tensor,
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
         delta_out: torch.Tensor,
     ) -> ClientResult:
-        """Train client ``client_id`` from the global weights.
+        """Train client ``task.client_id`` from the global weights, as ``task`` asks.
 
         Writes the client's delta (local minus global ``mean`` keys, [P]) into ``delta_out``
         and returns its sample count, counters and training statistics.
         """
+        client_id = task.client_id
         model = self.model
         model.load_state_dict(global_state)
         if client_id in self.local_state:
@@ -140,23 +147,32 @@ class ClientTrainer:
             seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id),
             self.device,
         )
-        optimizer = self._optimizer
+        optimizer = self.local_optimizer
         optimizer.state.clear()
-        anchors = [global_state[n] for n in self._param_names] if self.prox_mu else []
+        mu = self.prox_mu + task.prox_mu
+        params = dict(model.named_parameters())
+        anchors = {n: global_state[n] for n in params} if mu else {}
+        corrections = (
+            self.layout.split(task.correction.to(self.device), self._param_names)
+            if task.correction is not None
+            else {}
+        )
 
         # Per-step statistics stay on the device as a list of scalars: no host sync and
         # no extra kernels in the loop; they are reduced once at the end.
         losses, hits = [], []
-        batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx)
+        batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx, task.steps)
         for row, size in zip(batches, sizes):
             batch = row[:size]
             x, y = self.train_x[batch], self.train_y[batch]
+            if task.flip_labels:
+                y = self.num_classes - 1 - y
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if self.prox_mu:
-                self._add_proximal_gradient(anchors)
+            if mu or corrections:
+                _add_gradient_terms(params, anchors, mu, corrections)
             optimizer.step()
             losses.append(loss.detach())
             if self.train_accuracy:
@@ -184,8 +200,22 @@ class ClientTrainer:
             metrics=metrics,
         )
 
-    def _add_proximal_gradient(self, anchors: list[torch.Tensor]) -> None:
-        """FedProx: grad += mu * (w - w_t) for every parameter that has a gradient."""
-        for param, anchor in zip(self.model.parameters(), anchors):
-            if param.grad is not None:
-                param.grad.add_(param.detach() - anchor, alpha=self.prox_mu)
+
+def _add_gradient_terms(
+    params: Mapping[str, torch.Tensor],
+    anchors: Mapping[str, torch.Tensor],
+    mu: float,
+    corrections: Mapping[str, torch.Tensor],
+) -> None:
+    """grad += mu (w - w_global) + correction, for every parameter that has a gradient.
+
+    The proximal part is FedProx's (and FedDyn's alpha term); the constant part is
+    SCAFFOLD's ``c - c_i`` or FedDyn's ``-grad_k``.
+    """
+    for name, param in params.items():
+        if param.grad is None:
+            continue
+        if mu:
+            param.grad.add_(param.detach() - anchors[name], alpha=mu)
+        if name in corrections:
+            param.grad.add_(corrections[name])

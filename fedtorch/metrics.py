@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 BASE_COLUMNS = (
     "round",
     "clients",
+    "dropped",
+    "malicious",
     "train_loss",
     "train_accuracy",
     "test_loss",

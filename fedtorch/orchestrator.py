@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from fedtorch import checkpoint
+from fedtorch.attacks import Attack
 from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
+from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
 from fedtorch.results import RoundResults
 from fedtorch.sampling import sample_clients
@@ -38,11 +40,14 @@ class RunSettings:
 class Orchestrator:
     """Runs federated training for ``settings.rounds`` rounds.
 
-    Each round: sample ``clients_per_round`` clients seeded by (seed, round); the engine
-    trains them from the global weights; the strategy aggregates their deltas into a new
+    Each round: sample ``clients_per_round`` clients seeded by (seed, round); the strategy
+    turns them into tasks (its client-side terms); system heterogeneity sets their local
+    work and drops some; the engine trains the rest from the global weights; malicious
+    clients (if any) rewrite their updates; the strategy aggregates the deltas into a new
     global vector; ``max``-rule counters take the element-wise maximum; the global model is
     evaluated every ``eval_every`` rounds and on the last one; a row goes to the logger. The
-    loop stops early once test accuracy reaches ``target_accuracy``.
+    loop stops early once test accuracy reaches ``target_accuracy``. A round in which every
+    client dropped out leaves the model unchanged.
 
     Outputs in ``run_dir``: ``metrics.csv``, ``metrics.jsonl``, ``metrics.png`` (via the
     logger), ``model.pt`` (final global ``state_dict``) and ``summary.json``.
@@ -61,6 +66,8 @@ class Orchestrator:
         settings: RunSettings,
         logger: MetricsLogger,
         run_dir: Path,
+        system: SystemHeterogeneity | None = None,
+        attack: Attack | None = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -73,12 +80,21 @@ class Orchestrator:
         self.settings = settings
         self.logger = logger
         self.run_dir = Path(run_dir)
+        self.system = system or SystemHeterogeneity(seed=settings.seed)
+        self.attack = attack or Attack(num_clients=len(self.shards), seed=settings.seed)
+        self.shard_sizes = [len(s) for s in self.shards]
         self.extra_summary = extra_summary or {}
         self.owner = self._owner_map() if settings.eval_clients else None
         self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.global_vector = layout.flatten(self.global_state)
-        self.bytes_down_per_client = layout.bytes_of(self.global_state, ("mean", "max", "keep"))
-        self.bytes_up_per_client = layout.bytes_of(self.global_state, ("mean", "max"))
+        vector_bytes = layout.size * 4
+        extra_down, extra_up = strategy.extra_vectors
+        self.bytes_down_per_client = (
+            layout.bytes_of(self.global_state, ("mean", "max", "keep")) + extra_down * vector_bytes
+        )
+        self.bytes_up_per_client = (
+            layout.bytes_of(self.global_state, ("mean", "max")) + extra_up * vector_bytes
+        )
 
     def run(self) -> dict[str, Any]:
         """Train for all rounds (or until the target); return the summary (also written)."""
@@ -92,20 +108,34 @@ class Orchestrator:
             for round_idx in range(1, s.rounds + 1):
                 t0 = time.perf_counter()
                 cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
-                results = self.engine.run(
-                    self.trainer,
-                    cohort,
-                    self.shards,
-                    self.global_state,
-                    self.global_vector,
-                    round_idx,
+                tasks = self.strategy.configure(cohort, round_idx)
+                tasks, dropped = self.system.apply(
+                    tasks, round_idx, self.shard_sizes, self.trainer.batch_size
                 )
-                self._apply(results, round_idx)
+                self.attack.prepare(tasks)
+                attacked, trained = 0, 0
+                if tasks:
+                    results = self.engine.run(
+                        self.trainer,
+                        tasks,
+                        self.shards,
+                        self.global_state,
+                        self.global_vector,
+                        round_idx,
+                    )
+                    attacked = self.attack.corrupt(results, round_idx)
+                    self._apply(results, round_idx)
+                    trained = len(results)
                 bytes_down += self.bytes_down_per_client * len(cohort)
-                bytes_up += self.bytes_up_per_client * len(results)
+                bytes_up += self.bytes_up_per_client * trained
 
-                row: dict[str, Any] = {"round": round_idx, "clients": len(results)}
-                row.update(_weighted_train_metrics(results))
+                row: dict[str, Any] = {"round": round_idx, "clients": trained}
+                if self.system.dropout:
+                    row["dropped"] = len(dropped)
+                if self.attack.malicious:
+                    row["malicious"] = attacked
+                if trained:
+                    row.update(_weighted_train_metrics(results))
                 if round_idx % s.eval_every == 0 or round_idx == s.rounds:
                     last_eval = self._evaluate()
                     row.update(last_eval)

@@ -1,10 +1,35 @@
-"""Plain data passed between the engine, the strategy and the orchestrator."""
+"""Plain data passed between the orchestrator, the strategy, the engine and the clients."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class ClientTask:
+    """What the server asks of one client in a round, beyond "train from the global model".
+
+    Strategies fill in their client-side terms (:meth:`Strategy.configure`), system
+    heterogeneity sets the amount of local work, an attack may poison the labels. Every
+    engine honours every field, so any algorithm runs on any engine.
+
+    Attributes:
+        client_id: index of the client in the partition.
+        steps: local minibatch steps this round; None uses the trainer's epochs/steps.
+        correction: [P] vector (flat ``mean``-key layout) added to every local gradient of
+            the client's parameters: SCAFFOLD's ``c - c_i``, FedDyn's ``-grad_k``. None: 0.
+        prox_mu: proximal weight added to ``client.prox_mu`` for this client (FedDyn's
+            alpha): the gradient gets ``prox_mu * (w - w_global)``.
+        flip_labels: train on flipped labels ``C - 1 - y`` (a label-flipping attacker).
+    """
+
+    client_id: int
+    steps: int | None = None
+    correction: torch.Tensor | None = None
+    prox_mu: float = 0.0
+    flip_labels: bool = False
 
 
 @dataclass

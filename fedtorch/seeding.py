@@ -19,6 +19,8 @@ PARTITION = 2
 CLIENT_SAMPLING = 3
 CLIENT_TRAINING = 4
 DATASET = 5
+SYSTEM = 6
+ATTACK = 7
 
 
 def derive_seed(seed: int, *path: int) -> int:

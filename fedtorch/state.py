@@ -21,6 +21,9 @@ gets one rule, decided once per run:
 
 Rules are chosen with ``key_rules``: a list of ``{pattern: REGEX, rule: NAME}``; the first
 pattern that matches a key (``re.search``) decides, otherwise the defaults above apply.
+The pattern ``@batchnorm`` stands for every key of the model's BatchNorm layers (weights,
+biases and running statistics), whatever the layers are called: FedBN is
+``[{pattern: "@batchnorm", rule: local}]``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fedtorch.errors import ConfigError
 
@@ -107,11 +111,48 @@ class StateLayout:
         for s in self.specs:
             state[s.name].copy_(vector[s.offset : s.offset + s.numel].view(s.shape))
 
+    def split(self, flat: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` ([..., size]) as the ``mean`` keys among ``names``.
+
+        Leading dimensions are kept: a [K, size] matrix gives [K, *shape] views. Keys of
+        ``names`` that are not ``mean`` keys are left out.
+        """
+        lead = flat.shape[:-1]
+        wanted = set(names)
+        return {
+            s.name: flat[..., s.offset : s.offset + s.numel].view(*lead, *s.shape)
+            for s in self.specs
+            if s.name in wanted
+        }
+
+    def mask(self, names: Sequence[str]) -> torch.Tensor:
+        """[size] bool vector: True where the flat vector holds one of ``names``."""
+        out = torch.zeros(self.size, dtype=torch.bool)
+        wanted = set(names)
+        for s in self.specs:
+            if s.name in wanted:
+                out[s.offset : s.offset + s.numel] = True
+        return out
+
     def bytes_of(self, state: Mapping[str, torch.Tensor], rules: Sequence[str]) -> int:
         """Payload size of the keys with the given rules (what one message carries)."""
         return sum(
             state[k].numel() * state[k].element_size() for k, r in self.rules.items() if r in rules
         )
+
+
+def expand_key_rules(model: nn.Module, key_rules: Sequence[Mapping]) -> list[dict]:
+    """Replace the ``@batchnorm`` pattern by a regex of the model's BatchNorm keys."""
+    names = [
+        re.escape(name)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+    ]
+    batchnorm = rf"^({'|'.join(names)})\." if names else r"(?!)"
+    return [
+        {**entry, "pattern": batchnorm} if entry.get("pattern") == "@batchnorm" else dict(entry)
+        for entry in key_rules
+    ]
 
 
 def _widest(dtypes: Sequence[torch.dtype]) -> torch.dtype:

@@ -16,7 +16,17 @@ from omegaconf import DictConfig, ListConfig
 from fedtorch.errors import ConfigError
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
-GROUPS = ("model", "data", "partition", "strategy", "client", "engine", "logger")
+GROUPS = (
+    "model",
+    "data",
+    "partition",
+    "strategy",
+    "client",
+    "engine",
+    "logger",
+    "system",
+    "attack",
+)
 
 
 def _int(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> None:

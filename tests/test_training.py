@@ -10,6 +10,7 @@ import torch
 from fedtorch.build import build
 from fedtorch.client import ClientTrainer
 from fedtorch.errors import ConfigError
+from fedtorch.results import ClientTask
 from fedtorch.sampling import cohort_size, sample_clients
 from fedtorch.train import train
 from tests.conftest import FAST, FMNIST_DIR, compose_config
@@ -71,7 +72,7 @@ def test_local_steps_and_epochs():
     trainer = make(steps=7, batch_size=10)
     vector = layout.flatten(state)
     delta = torch.empty_like(vector)
-    result = trainer.train(0, torch.arange(25), state, vector, 1, delta)
+    result = trainer.train(ClientTask(0), torch.arange(25), state, vector, 1, delta)
     assert result.metrics["steps"] == 7
     assert "train_accuracy" not in result.metrics
     assert torch.allclose(delta, layout.flatten(model.state_dict()) - vector)
@@ -176,7 +177,7 @@ def test_fedprox_local_update_by_hand():
 
     vector = layout.flatten(w_t)
     delta = torch.empty_like(vector)
-    trainer.train(0, torch.arange(8), w_t, vector, 1, delta)
+    trainer.train(ClientTask(0), torch.arange(8), w_t, vector, 1, delta)
     expected = torch.cat([w.reshape(-1), b]) - vector
     assert torch.allclose(delta, expected, atol=1e-6)
     # mu changes the result: the second step is pulled back towards w_t.
@@ -184,7 +185,7 @@ def test_fedprox_local_update_by_hand():
         model, layout, x, y, lambda p: torch.optim.SGD(p, lr=lr), steps=2, batch_size=4
     )
     plain_delta = torch.empty_like(vector)
-    plain.train(0, torch.arange(8), w_t, vector, 1, plain_delta)
+    plain.train(ClientTask(0), torch.arange(8), w_t, vector, 1, plain_delta)
     assert not torch.allclose(plain_delta, delta)
     with pytest.raises(ConfigError, match="^client.prox_mu:"):
         ClientTrainer(model, layout, x, y, torch.optim.SGD, prox_mu=-1.0)

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtorch.client import ClientTrainer
-from fedtorch.results import RoundResults
+from fedtorch.results import ClientTask, RoundResults
 
 
 def delta_buffer(current: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -43,20 +43,22 @@ class SequentialEngine:
     def run(
         self,
         trainer: ClientTrainer,
-        client_ids: Sequence[int],
+        tasks: Sequence[ClientTask],
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
     ) -> RoundResults:
-        """Train ``client_ids`` (in the given order); row i of the deltas is client i's."""
-        self._deltas = delta_buffer(self._deltas, len(client_ids), global_vector)
-        deltas = self._deltas[: len(client_ids)]
-        ids = client_ids
+        """Run ``tasks`` in the given order; row i of the deltas is ``tasks[i]``'s client."""
+        self._deltas = delta_buffer(self._deltas, len(tasks), global_vector)
+        deltas = self._deltas[: len(tasks)]
+        todo = tasks
         if self.verbose:
-            ids = tqdm(client_ids, desc=f"round {round_idx} clients", leave=False)
+            todo = tqdm(tasks, desc=f"round {round_idx} clients", leave=False)
         clients = [
-            trainer.train(int(c), shards[int(c)], global_state, global_vector, round_idx, deltas[i])
-            for i, c in enumerate(ids)
+            trainer.train(
+                task, shards[task.client_id], global_state, global_vector, round_idx, deltas[i]
+            )
+            for i, task in enumerate(todo)
         ]
         return RoundResults(clients=clients, deltas=deltas)

@@ -36,7 +36,7 @@ from fedtorch import seeding
 from fedtorch.client import ClientTrainer
 from fedtorch.engines.sequential import delta_buffer
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult, RoundResults
+from fedtorch.results import ClientResult, ClientTask, RoundResults
 
 _UNSUPPORTED_OPTIMIZERS = (torch.optim.LBFGS,)
 
@@ -126,31 +126,32 @@ class VectorizedEngine:
     def run(
         self,
         trainer: ClientTrainer,
-        client_ids: Sequence[int],
+        tasks: Sequence[ClientTask],
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
     ) -> RoundResults:
-        """Train ``client_ids``; row i of the deltas belongs to ``client_ids[i]``."""
+        """Run ``tasks``; row i of the deltas belongs to ``tasks[i]``'s client."""
         self._check(trainer)
+        by_id = {t.client_id: t for t in tasks}
         schedules = {
-            int(c): trainer.schedule(int(c), shards[int(c)].to(trainer.device), round_idx)
-            for c in client_ids
+            c: trainer.schedule(c, shards[c].to(trainer.device), round_idx, t.steps)
+            for c, t in by_id.items()
         }
         by_steps = sorted(schedules, key=lambda c: (-len(schedules[c][1]), c))
         size = self.cohort_size or self.auto_cohort_size(trainer)
         cohorts = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
         if self.verbose:
             cohorts = tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False)
-        self._deltas = delta_buffer(self._deltas, len(client_ids), global_vector)
-        deltas = self._deltas[: len(client_ids)]
-        position = {int(c): i for i, c in enumerate(client_ids)}
+        self._deltas = delta_buffer(self._deltas, len(tasks), global_vector)
+        deltas = self._deltas[: len(tasks)]
+        position = {t.client_id: i for i, t in enumerate(tasks)}
         results: dict[int, ClientResult] = {}
         for cohort in cohorts:
             for result in self._train_cohort(
                 trainer,
-                cohort,
+                [by_id[c] for c in cohort],
                 schedules,
                 shards,
                 global_state,
@@ -160,12 +161,12 @@ class VectorizedEngine:
                 [position[c] for c in cohort],
             ):
                 results[result.client_id] = result
-        return RoundResults([results[int(c)] for c in client_ids], deltas)
+        return RoundResults([results[t.client_id] for t in tasks], deltas)
 
     def _train_cohort(
         self,
         trainer: ClientTrainer,
-        cohort: Sequence[int],
+        tasks: Sequence[ClientTask],
         schedules: Mapping[int, tuple[torch.Tensor, list[int]]],
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
@@ -181,6 +182,7 @@ class VectorizedEngine:
         read out and the stacked tensors and optimizer state shrink to the clients left,
         so no compute is spent on finished clients.
         """
+        cohort = [t.client_id for t in tasks]
         model, device, k = trainer.model, trainer.device, len(cohort)
         model.train()
         seeding.seed_torch(
@@ -192,6 +194,7 @@ class VectorizedEngine:
         }
         buffers = {n: b for n, b in global_state.items() if n not in params}
         optimizer = trainer.optimizer(list(params.values()))
+        terms = _GradientTerms.of(trainer, tasks, params)
 
         def loss_fn(p, x, y, w):
             logits = functional_call(model, (p, buffers), (x,))
@@ -218,11 +221,12 @@ class VectorizedEngine:
         for t in range(horizon):
             idx, w = all_idx[:active, t], all_w[:active, t]
             x, y = trainer.train_x[idx], trainer.train_y[idx]
+            if terms.flip is not None:
+                y = torch.where(terms.flip[:active, None], trainer.num_classes - 1 - y, y)
             grads, (per_sample, logits) = grad_fn(params, x, y, w)
             for n, p in params.items():
                 p.grad = grads[n]
-                if trainer.prox_mu:  # FedProx: + mu (w - w_t), w_t broadcast over clients
-                    p.grad.add_(p - global_state[n], alpha=trainer.prox_mu)
+            terms.add_to(params, global_state, active)
             optimizer.step()
             loss_sum[:active] += (per_sample.detach() * w).sum(1)
             correct[:active] += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
@@ -273,6 +277,55 @@ class VectorizedEngine:
             for s in layout.specs
         ]
         return torch.cat(parts, dim=1)
+
+
+class _GradientTerms:
+    """The cohort's client-side gradient terms, stacked like its parameters.
+
+    ``mu`` is [K] (client.prox_mu plus each task's own), ``corrections[name]`` is
+    [K, *shape] (zero rows for tasks without one), ``flip`` is [K] bool. Absent terms are
+    None/empty so the common case costs nothing. Clients are a prefix of the cohort at
+    every step, so slicing ``[:active]`` selects the ones still training.
+    """
+
+    def __init__(self, mu, corrections, flip) -> None:
+        self.mu = mu
+        self.corrections = corrections
+        self.flip = flip
+
+    @classmethod
+    def of(
+        cls, trainer: ClientTrainer, tasks: Sequence[ClientTask], params: Mapping[str, torch.Tensor]
+    ) -> _GradientTerms:
+        device, k = trainer.device, len(tasks)
+        mus = [trainer.prox_mu + t.prox_mu for t in tasks]
+        mu = torch.tensor(mus, device=device) if any(mus) else None
+        corrections = {}
+        if any(t.correction is not None for t in tasks):
+            rows = torch.zeros(k, trainer.layout.size, dtype=trainer.layout.dtype, device=device)
+            for i, t in enumerate(tasks):
+                if t.correction is not None:
+                    rows[i] = t.correction.to(device)
+            corrections = trainer.layout.split(rows, list(params))
+        flips = [t.flip_labels for t in tasks]
+        flip = torch.tensor(flips, device=device) if any(flips) else None
+        return cls(mu, corrections, flip)
+
+    def add_to(
+        self,
+        params: Mapping[str, torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        active: int,
+    ) -> None:
+        """grad += mu_i (w_i - w_global) + correction_i for each of the ``active`` clients."""
+        if self.mu is None and not self.corrections:
+            return
+        for n, p in params.items():
+            if self.mu is not None:
+                scale = self.mu[:active].view(-1, *([1] * (p.dim() - 1)))
+                p.grad.add_((p.detach() - global_state[n]) * scale)
+            if n in self.corrections:
+                p.grad.add_(self.corrections[n][:active])
 
 
 def _shrink(

@@ -1,7 +1,26 @@
 """Aggregation strategies. Pure math lives in :mod:`fedtorch.strategies.aggregate`."""
 
-from fedtorch.strategies.base import Strategy
+from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.fedavg import FedAvg
+from fedtorch.strategies.feddyn import FedDyn
+from fedtorch.strategies.fednova import FedNova
 from fedtorch.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedtorch.strategies.robust import Bulyan, CoordinateMedian, Krum, TrimmedMean
+from fedtorch.strategies.scaffold import Scaffold
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy"]
+__all__ = [
+    "Bulyan",
+    "CoordinateMedian",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedDyn",
+    "FedNova",
+    "FedYogi",
+    "Krum",
+    "RunContext",
+    "Scaffold",
+    "Strategy",
+    "TrimmedMean",
+]

@@ -1,10 +1,41 @@
-"""The strategy interface: how the server turns client results into a new global model."""
+"""The strategy interface: how the server configures a round and turns client results into
+a new global model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
-from fedtorch.results import RoundResults
+from fedtorch.results import ClientTask, RoundResults
+
+
+@dataclass
+class RunContext:
+    """Facts about the run a strategy may need, given once before training (:meth:`bind`).
+
+    Attributes:
+        num_clients: N, clients in the federation.
+        clients_per_round: clients sampled per round (before drop-outs).
+        size: P, length of the flat ``mean``-key vector.
+        param_mask: [P] bool, True where the flat vector holds trainable parameters (not
+            buffers such as BatchNorm running statistics).
+        optimizer: the local optimizer class and its default hyperparameters
+            (``{"lr": ..., "momentum": ...}``), for rules that depend on them.
+        prox_mu: the configured ``client.prox_mu``.
+        run_dir: the run folder (strategies that spill per-client state to disk use it).
+    """
+
+    num_clients: int
+    clients_per_round: int
+    size: int
+    param_mask: torch.Tensor
+    optimizer: type
+    optimizer_defaults: dict = field(default_factory=dict)
+    prox_mu: float = 0.0
+    run_dir: Path | None = None
 
 
 class Strategy:
@@ -12,12 +43,28 @@ class Strategy:
 
     A strategy sees only flat tensors: the global ``mean``-rule values [P] and the round's
     client deltas [K, P] with their sample counts (see :mod:`fedtorch.state`). It returns
-    the new global vector. Subclasses
-    implement :meth:`aggregate`; stateful strategies (server optimisers) keep their state on
-    ``self``.
+    the new global vector. Subclasses implement :meth:`aggregate`; strategies with
+    client-side terms (SCAFFOLD, FedDyn) also override :meth:`configure`; stateful ones
+    (server optimisers, control variates) keep their state on ``self``.
 
     A plug-in strategy is a subclass selected with ``strategy._target_=pkg.MyStrategy``.
+
+    Attributes:
+        extra_vectors: ``(down, up)``: full [P] vectors a client receives / sends besides
+            the model (SCAFFOLD: its control variates), for the byte counts.
     """
+
+    extra_vectors: tuple[int, int] = (0, 0)
+
+    def bind(self, context: RunContext) -> None:
+        """Check the run suits the strategy and size its state; raise ConfigError if not.
+
+        Called once before training starts.
+        """
+
+    def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
+        """The round's tasks, one per sampled client in cohort order (default: plain)."""
+        return [ClientTask(client_id=int(c)) for c in cohort]
 
     def aggregate(
         self, global_vector: torch.Tensor, results: RoundResults, round_idx: int

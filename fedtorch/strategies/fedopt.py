@@ -9,22 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from fedtorch.errors import ConfigError
 from fedtorch.results import RoundResults
+from fedtorch.strategies.checks import check_number as _check
 from fedtorch.strategies.fedavg import FedAvg
 from fedtorch.strategies.server_optimizers import adaptive_step, momentum_step
-
-
-def _check(key: str, value: float, low: float, high: float | None = None, *, open_low=False):
-    """ConfigError unless ``low <= value < high`` (``low < value`` when ``open_low``)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (value > low if open_low else value >= low)
-    if high is not None:
-        ok = ok and value < high
-    if not ok:
-        lower = f"> {low}" if open_low else f">= {low}"
-        allowed = f"{lower} and < {high}" if high is not None else lower
-        raise ConfigError(f"strategy.{key}", f"must be {allowed}, got {value!r}")
 
 
 class _ServerOptimizer(FedAvg):

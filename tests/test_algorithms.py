@@ -1,0 +1,157 @@
+"""SCAFFOLD, FedNova, FedDyn: one round of each update rule against a hand computation,
+the client-side terms in local training, and the checks made before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtorch.client import ClientTrainer
+from fedtorch.client_state import ClientStateStore
+from fedtorch.errors import ConfigError
+from fedtorch.results import ClientResult, ClientTask, RoundResults
+from fedtorch.state import StateLayout
+from fedtorch.strategies import FedDyn, FedNova, RunContext, Scaffold
+from fedtorch.strategies.fednova import local_normalizer
+
+
+def context(size=2, num_clients=4, optimizer=torch.optim.SGD, **defaults) -> RunContext:
+    return RunContext(
+        num_clients=num_clients,
+        clients_per_round=2,
+        size=size,
+        param_mask=torch.ones(size, dtype=torch.bool),
+        optimizer=optimizer,
+        optimizer_defaults={"lr": 0.1, "momentum": 0.0, **defaults},
+    )
+
+
+def results(ids, deltas, sizes, steps) -> RoundResults:
+    clients = [
+        ClientResult(c, n, metrics={"steps": s}) for c, n, s in zip(ids, sizes, steps, strict=True)
+    ]
+    return RoundResults(clients, torch.tensor(deltas))
+
+
+def test_scaffold_round_by_hand():
+    s = Scaffold(server_lr=1.0)
+    s.bind(context(num_clients=4))  # lr 0.1
+    # Round 1: c = c_i = 0, so no correction yet.
+    tasks = s.configure([0, 2], 1)
+    assert [t.client_id for t in tasks] == [0, 2]
+    assert all(torch.equal(t.correction, torch.zeros(2)) for t in tasks)
+    x = torch.tensor([1.0, 1.0])
+    r1 = results([0, 2], [[-0.4, 0.2], [0.2, 0.0]], [10, 30], [2, 4])
+    x1 = s.aggregate(x, r1, 1)
+    # x <- x + mean(delta) (uniform): [1 - 0.1, 1 + 0.1]
+    assert torch.allclose(x1, torch.tensor([0.9, 1.1]))
+    # c_0+ = 0 - 0 - [-0.4, 0.2] / (2 * 0.1) = [2, -1];  c_2+ = -[0.2, 0] / 0.4 = [-0.5, 0]
+    assert torch.allclose(s.store.get(0), torch.tensor([2.0, -1.0]))
+    assert torch.allclose(s.store.get(2), torch.tensor([-0.5, 0.0]))
+    # c <- 0 + (|S|/N) mean(dc) = (1/4)([2,-1] + [-0.5,0]) = [0.375, -0.25]
+    assert torch.allclose(s.c, torch.tensor([0.375, -0.25]))
+    # Round 2: client 0's correction is c - c_0, client 1 (never sampled) gets c - 0.
+    t0, t1 = s.configure([0, 1], 2)
+    assert torch.allclose(t0.correction, torch.tensor([0.375 - 2.0, -0.25 + 1.0]))
+    assert torch.allclose(t1.correction, torch.tensor([0.375, -0.25]))
+    # c_1+ = 0 - c - [0.1, 0.1] / (1 * 0.1) = [-1.375, -0.75]
+    s.aggregate(x1, results([1], [[0.1, 0.1]], [5], [1]), 2)
+    assert torch.allclose(s.store.get(1), torch.tensor([-1.375, -0.75]))
+    assert torch.allclose(s.c, torch.tensor([0.375 - 1.375 / 4, -0.25 - 0.75 / 4]))
+
+
+def test_fednova_normalizer_matches_momentum_recursion():
+    # a_i = total displacement of heavy-ball SGD with unit gradients and lr 1.
+    for rho in (0.0, 0.5, 0.9):
+        for steps in (1, 3, 10):
+            buf, moved = 0.0, 0.0
+            for _ in range(steps):
+                buf = rho * buf + 1.0
+                moved += buf
+            assert local_normalizer(steps, rho) == pytest.approx(moved)
+
+
+def test_fednova_round_by_hand():
+    s = FedNova()
+    s.bind(context())  # plain SGD: a_i = steps
+    x = torch.tensor([0.0, 0.0])
+    r = results([0, 1], [[2.0, 4.0], [3.0, -3.0]], [1, 3], [2, 6])
+    # p = [1/4, 3/4]; d = [[1, 2], [0.5, -0.5]]; tau = 1/4*2 + 3/4*6 = 5
+    # x <- 5 * (1/4 [1, 2] + 3/4 [0.5, -0.5]) = 5 * [0.625, 0.125] = [3.125, 0.625]
+    assert torch.allclose(s.aggregate(x, r, 1), torch.tensor([3.125, 0.625]))
+    # Equal steps and plain SGD: FedNova is FedAvg.
+    r = results([0, 1], [[2.0, 4.0], [3.0, -3.0]], [1, 3], [4, 4])
+    assert torch.allclose(s.aggregate(x, r, 1), torch.tensor([2.75, -1.25]))
+
+
+def test_feddyn_round_by_hand():
+    s = FedDyn(alpha=0.5)
+    s.bind(context(num_clients=4))
+    tasks = s.configure([0, 1], 1)
+    assert all(t.prox_mu == 0.5 and torch.equal(t.correction, torch.zeros(2)) for t in tasks)
+    x = torch.tensor([1.0, 2.0])
+    r = results([0, 1], [[2.0, 0.0], [0.0, -4.0]], [1, 1], [1, 1])
+    x1 = s.aggregate(x, r, 1)
+    # g_0 = -0.5 [2, 0] = [-1, 0]; g_1 = [0, 2]; h = -(0.5/4)([2, -4]) = [-0.25, 0.5]
+    # x1 = mean(w_k) - h / alpha = [2, 0] - [-0.5, 1] = [2.5, -1]
+    assert torch.allclose(s.store.get(0), torch.tensor([-1.0, 0.0]))
+    assert torch.allclose(s.store.get(1), torch.tensor([0.0, 2.0]))
+    assert torch.allclose(s.h, torch.tensor([-0.25, 0.5]))
+    assert torch.allclose(x1, torch.tensor([2.5, -1.0]))
+    # Round 2: client 0's correction is -g_0.
+    assert torch.allclose(s.configure([0], 2)[0].correction, torch.tensor([1.0, 0.0]))
+
+
+def test_correction_and_prox_terms_in_local_training():
+    """Two local SGD steps with grad + mu (w - w_t) + correction, by hand (SCAFFOLD/FedDyn)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    layout = StateLayout(model.state_dict())
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    lr, mu = 0.1, 0.3
+    trainer = ClientTrainer(
+        model, layout, x, y, lambda p: torch.optim.SGD(p, lr=lr), steps=2, batch_size=4
+    )
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    vector = layout.flatten(w_t)
+    correction = torch.linspace(-1, 1, layout.size)
+    corr_w, corr_b = correction[:6].view(2, 3), correction[6:]
+    batches, sizes = trainer.schedule(0, torch.arange(8), 1)
+    w, b = w_t["weight"].clone(), w_t["bias"].clone()
+    for row, size in zip(batches, sizes):
+        idx = row[:size]
+        flipped = 1 - y[idx]  # label flipping with C = 2
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(x[idx] @ wg.T + bg, flipped)
+        gw, gb = torch.autograd.grad(loss, (wg, bg))
+        w = w - lr * (gw + mu * (w - w_t["weight"]) + corr_w)
+        b = b - lr * (gb + mu * (b - w_t["bias"]) + corr_b)
+    delta = torch.empty_like(vector)
+    task = ClientTask(0, correction=correction, prox_mu=mu, flip_labels=True)
+    trainer.train(task, torch.arange(8), w_t, vector, 1, delta)
+    assert torch.allclose(delta, torch.cat([w.reshape(-1), b]) - vector, atol=1e-6)
+
+
+def test_bind_refuses_unsuitable_runs():
+    with pytest.raises(ConfigError, match="^client.optimizer:.*SGD"):
+        FedNova().bind(context(optimizer=torch.optim.Adam))
+    with pytest.raises(ConfigError, match="^client.optimizer:.*nesterov"):
+        FedNova().bind(context(nesterov=True, momentum=0.9))
+    with pytest.raises(ConfigError, match="^strategy.client_state:"):
+        Scaffold(client_state="gpu").bind(context())
+    with pytest.raises(ConfigError, match="^strategy.alpha:"):
+        FedDyn(alpha=0)
+
+
+def test_client_state_store_on_disk(tmp_path):
+    store = ClientStateStore(1000, 50_000, "disk", tmp_path / "c.bin")
+    assert torch.equal(store.get(7), torch.zeros(50_000))
+    store.set(7, torch.arange(50_000.0))
+    assert torch.equal(store.get(7), torch.arange(50_000.0))
+    # 1000 x 50k floats = 200 MB declared; only the written row takes disk blocks.
+    assert (tmp_path / "c.bin").stat().st_size == 1000 * 50_000 * 4
+    assert (tmp_path / "c.bin").stat().st_blocks * 512 < 10 * 2**20
+    assert list(store.state_dict()) == [7]
+    memory = ClientStateStore(1000, 4)
+    memory.load_state_dict({3: torch.ones(4)})
+    assert torch.equal(memory.get(3), torch.ones(4)) and memory.state_dict().keys() == {3}

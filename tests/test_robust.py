@@ -1,0 +1,86 @@
+"""Robust aggregation rules on small matrices worked out by hand, and the strategies' bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedtorch.errors import ConfigError, FedtorchError
+from fedtorch.results import ClientResult, RoundResults
+from fedtorch.strategies import Bulyan, CoordinateMedian, Krum, RunContext, TrimmedMean
+from fedtorch.strategies import aggregate as agg
+
+# Five clients; the last is an attacker far away.
+U = torch.tensor(
+    [[0.0, 0.0], [2.0, 1.0], [3.0, -1.0], [4.0, 0.5], [100.0, -100.0]],
+)
+
+
+def test_coordinate_median():
+    assert torch.equal(agg.coordinate_median(U), torch.tensor([3.0, 0.0]))
+    # Even K: mean of the two middle values.
+    assert torch.equal(agg.coordinate_median(U[:4]), torch.tensor([2.5, 0.25]))
+
+
+def test_trimmed_mean():
+    # beta = 0.2 of 5 -> drop 1 from each end: x: mean(2,3,4) = 3; y: mean(-1,0,0.5) -> sorted
+    # [-100,-1,0,0.5,1] -> mean(-1, 0, 0.5) = -1/6
+    assert torch.allclose(agg.trimmed_mean(U, 0.2), torch.tensor([3.0, -1 / 6]))
+    assert torch.allclose(agg.trimmed_mean(U, 0.0), U.mean(0))
+
+
+def test_krum_and_multi_krum():
+    # f = 1: each score sums the K - f - 2 = 2 nearest squared distances.
+    d = torch.cdist(U.double(), U.double()) ** 2
+    d.fill_diagonal_(float("inf"))
+    expected = d.topk(2, dim=1, largest=False).values.sum(1)
+    assert torch.allclose(agg.krum_scores(U, 1), expected)
+    # Scores: row 0 ([0,0]): 5 + 10 = 15; row 1 ([2,1]): 4.25 + 5 = 9.25; row 2 ([3,-1]):
+    # 3.25 + 5 = 8.25; row 3 ([4,0.5]): 3.25 + 4.25 = 7.5; the attacker's is huge.
+    assert torch.allclose(agg.krum_scores(U, 1)[:4].float(), torch.tensor([15, 9.25, 8.25, 7.5]))
+    assert torch.equal(agg.multi_krum(U, 1, 1), U[3])
+    assert torch.allclose(agg.multi_krum(U, 1, 2), (U[2] + U[3]) / 2)
+    with pytest.raises(ValueError, match="2f \\+ 2"):
+        agg.multi_krum(U[:4], 1, 1)
+
+
+def test_bulyan_by_hand():
+    # K = 7, f = 1: theta = 5 picked by repeated Krum, beta = 3 closest to the median.
+    u = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [50.0], [-60.0]])
+    out = agg.bulyan(u, 1)
+    # Repeated Krum drops the two outliers: selected {0,1,2,3,4}, median 2, 3 closest:
+    # {1, 2, 3} -> mean 2.
+    assert torch.equal(out, torch.tensor([2.0]))
+    with pytest.raises(ValueError, match="4f \\+ 3"):
+        agg.bulyan(u[:6], 1)
+
+
+def round_of(deltas):
+    return RoundResults([ClientResult(i, 1) for i in range(len(deltas))], deltas)
+
+
+def test_strategies_step_from_the_global_vector():
+    x = torch.tensor([10.0, 10.0])
+    assert torch.equal(CoordinateMedian().aggregate(x, round_of(U), 1), x + torch.tensor([3, 0]))
+    half = TrimmedMean(beta=0.2, server_lr=0.5).aggregate(x, round_of(U), 1)
+    assert torch.allclose(half, x + 0.5 * torch.tensor([3.0, -1 / 6]))
+    assert torch.equal(Krum(num_byzantine=1).aggregate(x, round_of(U), 1), x + U[3])
+
+
+def test_bounds_checked_before_training_and_at_aggregation():
+    ctx = RunContext(
+        num_clients=10,
+        clients_per_round=6,
+        size=2,
+        param_mask=torch.ones(2),
+        optimizer=torch.optim.SGD,
+    )
+    with pytest.raises(ConfigError, match="^strategy.num_byzantine:.*at least 7"):
+        Bulyan(num_byzantine=1).bind(ctx)
+    with pytest.raises(ConfigError, match="^strategy.num_byzantine:.*at least 7"):
+        Krum(num_byzantine=2).bind(ctx)
+    Krum(num_byzantine=1).bind(ctx)
+    with pytest.raises(FedtorchError, match="round 3: Krum needs at least 5 updates, 4"):
+        Krum(num_byzantine=1).aggregate(torch.zeros(2), round_of(U[:4]), 3)
+    with pytest.raises(ConfigError, match="^strategy.beta:"):
+        TrimmedMean(beta=0.5)
