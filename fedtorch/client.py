@@ -123,6 +123,12 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def _param_views(self, flat: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-parameter views of a flat [P] vector on the device ({} for None)."""
+        if flat is None:
+            return {}
+        return self.layout.split(flat.to(self.device), self._param_names)
+
     def train(
         self,
         task: ClientTask,
@@ -152,11 +158,8 @@ class ClientTrainer:
         mu = self.prox_mu + task.prox_mu
         params = dict(model.named_parameters())
         anchors = {n: global_state[n] for n in params} if mu else {}
-        corrections = (
-            self.layout.split(task.correction.to(self.device), self._param_names)
-            if task.correction is not None
-            else {}
-        )
+        corrections = self._param_views(task.correction)
+        step_corrections = self._param_views(task.step_correction)
 
         # Per-step statistics stay on the device as a list of scalars: no host sync and
         # no extra kernels in the loop; they are reduced once at the end.
@@ -174,6 +177,8 @@ class ClientTrainer:
             if mu or corrections:
                 _add_gradient_terms(params, anchors, mu, corrections)
             optimizer.step()
+            if step_corrections:
+                _apply_step_corrections(params, step_corrections, optimizer)
             losses.append(loss.detach())
             if self.train_accuracy:
                 hits.append((logits.detach().argmax(dim=1) == y).sum())
@@ -199,6 +204,19 @@ class ClientTrainer:
             counters={k: state[k].detach().clone() for k in self.counter_keys},
             metrics=metrics,
         )
+
+
+def _apply_step_corrections(
+    params: Mapping[str, torch.Tensor],
+    corrections: Mapping[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """w <- w - lr * v after the optimizer step (SCAFFOLD's correction outside momentum)."""
+    lr = optimizer.param_groups[0]["lr"]
+    with torch.no_grad():
+        for name, param in params.items():
+            if name in corrections:
+                param.sub_(corrections[name], alpha=lr)
 
 
 def _add_gradient_terms(

@@ -19,7 +19,11 @@ class ClientTask:
         client_id: index of the client in the partition.
         steps: local minibatch steps this round; None uses the trainer's epochs/steps.
         correction: [P] vector (flat ``mean``-key layout) added to every local gradient of
-            the client's parameters: SCAFFOLD's ``c - c_i``, FedDyn's ``-grad_k``. None: 0.
+            the client's parameters, so it passes through the optimizer (momentum, Adam):
+            FedDyn's ``-grad_k``. None: no term.
+        step_correction: [P] vector ``v`` applied after every optimizer step as
+            ``w <- w - lr * v``, outside the optimizer's momentum: SCAFFOLD's ``c - c_i``.
+            With plain SGD both placements give the same step.
         prox_mu: proximal weight added to ``client.prox_mu`` for this client (FedDyn's
             alpha): the gradient gets ``prox_mu * (w - w_global)``.
         flip_labels: train on flipped labels ``C - 1 - y`` (a label-flipping attacker).
@@ -28,6 +32,7 @@ class ClientTask:
     client_id: int
     steps: int | None = None
     correction: torch.Tensor | None = None
+    step_correction: torch.Tensor | None = None
     prox_mu: float = 0.0
     flip_labels: bool = False
 

@@ -39,7 +39,7 @@ def test_scaffold_round_by_hand():
     # Round 1: c = c_i = 0, so no correction yet.
     tasks = s.configure([0, 2], 1)
     assert [t.client_id for t in tasks] == [0, 2]
-    assert all(torch.equal(t.correction, torch.zeros(2)) for t in tasks)
+    assert all(torch.equal(t.step_correction, torch.zeros(2)) for t in tasks)
     x = torch.tensor([1.0, 1.0])
     r1 = results([0, 2], [[-0.4, 0.2], [0.2, 0.0]], [10, 30], [2, 4])
     x1 = s.aggregate(x, r1, 1)
@@ -52,8 +52,8 @@ def test_scaffold_round_by_hand():
     assert torch.allclose(s.c, torch.tensor([0.375, -0.25]))
     # Round 2: client 0's correction is c - c_0, client 1 (never sampled) gets c - 0.
     t0, t1 = s.configure([0, 1], 2)
-    assert torch.allclose(t0.correction, torch.tensor([0.375 - 2.0, -0.25 + 1.0]))
-    assert torch.allclose(t1.correction, torch.tensor([0.375, -0.25]))
+    assert torch.allclose(t0.step_correction, torch.tensor([0.375 - 2.0, -0.25 + 1.0]))
+    assert torch.allclose(t1.step_correction, torch.tensor([0.375, -0.25]))
     # c_1+ = 0 - c - [0.1, 0.1] / (1 * 0.1) = [-1.375, -0.75]
     s.aggregate(x1, results([1], [[0.1, 0.1]], [5], [1]), 2)
     assert torch.allclose(s.store.get(1), torch.tensor([-1.375, -0.75]))
@@ -132,6 +132,43 @@ def test_correction_and_prox_terms_in_local_training():
     assert torch.allclose(delta, torch.cat([w.reshape(-1), b]) - vector, atol=1e-6)
 
 
+def test_step_correction_is_applied_outside_momentum():
+    """SCAFFOLD's default: momentum SGD on g alone, then w <- w - lr * (c - c_i)."""
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 2)
+    layout = StateLayout(model.state_dict())
+    x, y = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    lr, rho = 0.1, 0.9
+    trainer = ClientTrainer(
+        model,
+        layout,
+        x,
+        y,
+        lambda p: torch.optim.SGD(p, lr=lr, momentum=rho),
+        steps=3,
+        batch_size=4,
+    )
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    vector = layout.flatten(w_t)
+    v = torch.linspace(-2, 2, layout.size)
+    v_w, v_b = v[:6].view(2, 3), v[6:]
+    batches, sizes = trainer.schedule(0, torch.arange(12), 1)
+    w, b = w_t["weight"].clone(), w_t["bias"].clone()
+    buf_w = buf_b = None
+    for row, size in zip(batches, sizes):
+        idx = row[:size]
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(x[idx] @ wg.T + bg, y[idx])
+        gw, gb = torch.autograd.grad(loss, (wg, bg))
+        buf_w = gw if buf_w is None else rho * buf_w + gw
+        buf_b = gb if buf_b is None else rho * buf_b + gb
+        w = w - lr * buf_w - lr * v_w
+        b = b - lr * buf_b - lr * v_b
+    delta = torch.empty_like(vector)
+    trainer.train(ClientTask(0, step_correction=v), torch.arange(12), w_t, vector, 1, delta)
+    assert torch.allclose(delta, torch.cat([w.reshape(-1), b]) - vector, atol=1e-6)
+
+
 def test_bind_refuses_unsuitable_runs():
     with pytest.raises(ConfigError, match="^client.optimizer:.*SGD"):
         FedNova().bind(context(optimizer=torch.optim.Adam))
@@ -141,6 +178,8 @@ def test_bind_refuses_unsuitable_runs():
         Scaffold(client_state="gpu").bind(context())
     with pytest.raises(ConfigError, match="^strategy.alpha:"):
         FedDyn(alpha=0)
+    with pytest.raises(ConfigError, match="^strategy.correction:"):
+        Scaffold(correction="both")
 
 
 def test_client_state_store_on_disk(tmp_path):

@@ -35,7 +35,8 @@ def final_vector(tmp_path, engine, extra=()):
         ["client=adam", "client.steps=7", "client.optimizer.lr=0.01"],  # fixed steps, Adam
         ["clients_per_round=3", "client.batch_size=64"],
         [*SGD_MOMENTUM, "strategy=fedprox", "client.prox_mu=0.5"],  # FedProx term
-        [*SGD_MOMENTUM, "strategy=scaffold"],  # control-variate corrections
+        [*SGD_MOMENTUM, "strategy=scaffold"],  # control variates after the step
+        [*SGD_MOMENTUM, "strategy=scaffold", "strategy.correction=gradient"],
         [*SGD_MOMENTUM, "strategy=feddyn", "strategy.alpha=0.1"],  # prox + linear term
         # per-client local steps (FedNova's case), drop-outs, label-flipping clients
         [*SGD_MOMENTUM, "strategy=fednova", "system.work=uniform_steps", "system.high=9"],

@@ -228,6 +228,7 @@ class VectorizedEngine:
                 p.grad = grads[n]
             terms.add_to(params, global_state, active)
             optimizer.step()
+            terms.after_step(params, optimizer, active)
             loss_sum[:active] += (per_sample.detach() * w).sum(1)
             correct[:active] += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
             seen[:active] += w.sum(1)
@@ -282,15 +283,17 @@ class VectorizedEngine:
 class _GradientTerms:
     """The cohort's client-side gradient terms, stacked like its parameters.
 
-    ``mu`` is [K] (client.prox_mu plus each task's own), ``corrections[name]`` is
-    [K, *shape] (zero rows for tasks without one), ``flip`` is [K] bool. Absent terms are
+    ``mu`` is [K] (client.prox_mu plus each task's own), ``corrections[name]`` and
+    ``step_corrections[name]`` are [K, *shape] (zero rows for tasks without one), ``flip``
+    is [K] bool. Absent terms are
     None/empty so the common case costs nothing. Clients are a prefix of the cohort at
     every step, so slicing ``[:active]`` selects the ones still training.
     """
 
-    def __init__(self, mu, corrections, flip) -> None:
+    def __init__(self, mu, corrections, step_corrections, flip) -> None:
         self.mu = mu
         self.corrections = corrections
+        self.step_corrections = step_corrections
         self.flip = flip
 
     @classmethod
@@ -300,16 +303,23 @@ class _GradientTerms:
         device, k = trainer.device, len(tasks)
         mus = [trainer.prox_mu + t.prox_mu for t in tasks]
         mu = torch.tensor(mus, device=device) if any(mus) else None
-        corrections = {}
-        if any(t.correction is not None for t in tasks):
+
+        def stacked(vectors: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+            if all(v is None for v in vectors):
+                return {}
             rows = torch.zeros(k, trainer.layout.size, dtype=trainer.layout.dtype, device=device)
-            for i, t in enumerate(tasks):
-                if t.correction is not None:
-                    rows[i] = t.correction.to(device)
-            corrections = trainer.layout.split(rows, list(params))
+            for i, v in enumerate(vectors):
+                if v is not None:
+                    rows[i] = v.to(device)
+            return trainer.layout.split(rows, list(params))
+
         flips = [t.flip_labels for t in tasks]
-        flip = torch.tensor(flips, device=device) if any(flips) else None
-        return cls(mu, corrections, flip)
+        return cls(
+            mu,
+            stacked([t.correction for t in tasks]),
+            stacked([t.step_correction for t in tasks]),
+            torch.tensor(flips, device=device) if any(flips) else None,
+        )
 
     def add_to(
         self,
@@ -326,6 +336,18 @@ class _GradientTerms:
                 p.grad.add_((p.detach() - global_state[n]) * scale)
             if n in self.corrections:
                 p.grad.add_(self.corrections[n][:active])
+
+    def after_step(
+        self, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer, active: int
+    ) -> None:
+        """w_i <- w_i - lr * v_i for the step corrections (outside the optimizer)."""
+        if not self.step_corrections:
+            return
+        lr = optimizer.param_groups[0]["lr"]
+        with torch.no_grad():
+            for n, p in params.items():
+                if n in self.step_corrections:
+                    p.sub_(self.step_corrections[n][:active], alpha=lr)
 
 
 def _shrink(

@@ -1,0 +1,183 @@
+"""NIID-Bench on Fashion-MNIST: partitions x algorithms, one fedtorch run per cell.
+
+Setting (Li et al. 2022; Flower's reproduction): 10 clients, all sampled every round,
+50 rounds, E = 10 local epochs, B = 64, SGD lr 0.01 momentum 0.9 weight decay 1e-5,
+simple CNN; partitions IID, Dir(0.5), #C=1, #C=2, #C=3; FedAvg, FedProx (mu tuned over
+0.001, 0.01, 0.1, 1), SCAFFOLD, FedNova. Everything but the partition and the algorithm
+comes from the ``fmnist_dirichlet`` preset.
+
+Resumable run by run: a cell whose ``summary.json`` exists is skipped, so the grid can be
+run in parts (``--only``) and restarted after an interruption (an interrupted cell starts
+over). Every finished cell rewrites ``results/table.md`` and the table in README.md.
+
+    python experiments/niid_bench/run.py                  # everything still missing
+    python experiments/niid_bench/run.py --only dir0.5    # cells whose name contains it
+    python experiments/niid_bench/run.py --list           # cells and their state
+    python experiments/niid_bench/run.py --table          # only rebuild the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNS = HERE / "results" / "runs"
+REPO = HERE.parents[1]
+
+PARTITIONS = {
+    "iid": ["partition=iid"],
+    "dir0.5": ["partition=dirichlet", "partition.alpha=0.5"],
+    "c1": ["partition=label_skew", "partition.classes_per_client=1"],
+    "c2": ["partition=label_skew", "partition.classes_per_client=2"],
+    "c3": ["partition=label_skew", "partition.classes_per_client=3"],
+}
+PARTITION_NAMES = {
+    "iid": "IID",
+    "dir0.5": "Dir(0.5)",
+    "c1": "#C=1",
+    "c2": "#C=2",
+    "c3": "#C=3",
+}
+MUS = ("0.01", "0.001", "0.1", "1")  # the default first, then the rest of the tuning grid
+ALGORITHMS = {
+    "fedavg": ["strategy=fedavg"],
+    "scaffold": ["strategy=scaffold"],
+    "fednova": ["strategy=fednova"],
+    **{f"fedprox_mu{mu}": ["strategy=fedprox", f"client.prox_mu={mu}"] for mu in MUS},
+}
+# Flower's NIID-Bench reproduction, Fashion-MNIST, best test accuracy (%).
+PUBLISHED = {
+    "iid": {"fedavg": 89.0, "scaffold": 89.5, "fedprox": 89.5, "fednova": 89.3},
+    "dir0.5": {"fedavg": 88.4, "scaffold": 88.4, "fedprox": 88.6, "fednova": 88.1},
+    "c1": {"fedavg": 10.0, "scaffold": 10.0, "fedprox": 38.0, "fednova": 11.1},
+    "c2": {"fedavg": 81.0, "scaffold": 10.0, "fedprox": 78.8, "fednova": 70.5},
+    "c3": {"fedavg": 83.2, "scaffold": 84.2, "fedprox": 82.5, "fednova": 83.2},
+}
+COLUMNS = ("fedavg", "fedprox", "scaffold", "fednova")
+
+
+RUN_ORDER = ("dir0.5", "iid", "c2", "c3", "c1")  # the common settings first
+
+
+def cells() -> list[tuple[str, str]]:
+    """(partition, algorithm) in run order: every algorithm once (FedProx at mu=0.01) on
+    each partition first, then the remaining FedProx mu values."""
+    first = [a for a in ALGORITHMS if not a.startswith("fedprox")] + ["fedprox_mu0.01"]
+    rest = [a for a in ALGORITHMS if a.startswith("fedprox") and a != "fedprox_mu0.01"]
+    return [(p, a) for p in RUN_ORDER for a in first] + [(p, a) for p in RUN_ORDER for a in rest]
+
+
+def summary(partition: str, algorithm: str) -> dict | None:
+    path = RUNS / partition / algorithm / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> None:
+    out = RUNS / partition / algorithm
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtorch.train",
+        "+experiment=fmnist_dirichlet",
+        *PARTITIONS[partition],
+        *ALGORITHMS[algorithm],
+        "logger=quiet",
+        f"torch_threads={threads}",
+        f"hydra.run.dir={out}",
+        *extra,
+    ]
+    print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}: {' '.join(cmd[2:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = summary(partition, algorithm)
+    print(
+        f"  best {100 * result['best_accuracy']:.2f}% (round {result['best_round']}), "
+        f"{result['wall_time_s']:.0f} s",
+        flush=True,
+    )
+
+
+def best(partition: str, column: str) -> tuple[float | None, str]:
+    """Best accuracy (%) of a column; FedProx takes its best mu. Returns (acc, note)."""
+    if column != "fedprox":
+        s = summary(partition, column)
+        return (100 * s["best_accuracy"], "") if s else (None, "")
+    done = {mu: summary(partition, f"fedprox_mu{mu}") for mu in MUS}
+    done = {mu: s for mu, s in done.items() if s}
+    if not done:
+        return None, ""
+    mu, s = max(done.items(), key=lambda kv: kv[1]["best_accuracy"])
+    tried = len(done)
+    note = f"mu={mu}" + ("" if tried == len(MUS) else f", {tried}/{len(MUS)} mu tried")
+    return 100 * s["best_accuracy"], note
+
+
+def table() -> str:
+    """Markdown table: ours / published per cell, with the gap when over 1.5 points."""
+    head = "| partition | " + " | ".join(f"{c} (ours / published)" for c in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for p in PARTITIONS:
+        row = [PARTITION_NAMES[p]]
+        for c in COLUMNS:
+            acc, note = best(p, c)
+            pub = PUBLISHED[p][c]
+            if acc is None:
+                row.append(f"— / {pub:.1f}")
+                continue
+            gap = acc - pub
+            flag = f" (**{gap:+.1f}**)" if abs(gap) > 1.5 else ""
+            row.append(f"{acc:.1f} / {pub:.1f}{flag}" + (f" [{note}]" if note else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    done = sum(summary(p, a) is not None for p, a in cells())
+    lines.append("")
+    lines.append(f"{done} of {len(cells())} runs done; — = not run yet.")
+    return "\n".join(lines)
+
+
+def write_table() -> None:
+    text = table()
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "table.md").write_text(text + "\n")
+    readme = HERE / "README.md"
+    if readme.exists():
+        content = readme.read_text()
+        start, end = "<!-- table:start -->", "<!-- table:end -->"
+        if start in content and end in content:
+            before, rest = content.split(start, 1)
+            after = rest.split(end, 1)[1]
+            readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", default=[], help="cells whose name contains one")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--list", action="store_true", help="list the cells and stop")
+    parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
+    parser.add_argument("overrides", nargs="*", help="extra fedtorch overrides for every run")
+    args = parser.parse_args()
+    todo = [
+        (p, a) for p, a in cells() if not args.only or any(o in f"{p}/{a}" for o in args.only)
+    ]
+    if args.list:
+        for p, a in todo:
+            s = summary(p, a)
+            state = f"{100 * s['best_accuracy']:.2f}%" if s else "missing"
+            print(f"{p}/{a}: {state}")
+        return
+    if not args.table:
+        for p, a in todo:
+            if summary(p, a) is None:
+                run_cell(p, a, args.threads, args.overrides)
+                write_table()
+    write_table()
+
+
+if __name__ == "__main__":
+    main()
