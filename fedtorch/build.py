@@ -248,6 +248,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         eval_clients=cfg.eval_clients,
         eval_batch_size=cfg.eval_batch_size,
         target_accuracy=cfg.target_accuracy,
+        on_client_failure=cfg.on_client_failure,
+        min_clients=cfg.min_clients,
     )
     return Orchestrator(
         model=model,

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedtorch import seeding
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult, ClientTask
+from fedtorch.results import ClientError, ClientResult, ClientTask
 from fedtorch.state import StateLayout
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -123,6 +123,14 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def local_state_dict(self) -> dict[str, torch.Tensor]:
+        """The client's model state after local training (what it would send).
+
+        Checked against the global layout before use: a plug-in trainer that overrides
+        this and returns missing, extra or wrongly shaped keys has its client dropped.
+        """
+        return self.model.state_dict()
+
     def _param_views(self, flat: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per-parameter views of a flat [P] vector on the device ({} for None)."""
         if flat is None:
@@ -183,7 +191,10 @@ class ClientTrainer:
             if self.train_accuracy:
                 hits.append((logits.detach().argmax(dim=1) == y).sum())
 
-        state = model.state_dict()
+        state = self.local_state_dict()
+        problem = self.layout.mismatch(state)
+        if problem:
+            raise ClientError(f"returned a bad state_dict: {problem}")
         self.layout.flatten_into(state, delta_out)
         delta_out.sub_(global_vector)
         if self.local_keys:

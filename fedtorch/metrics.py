@@ -16,6 +16,7 @@ BASE_COLUMNS = (
     "round",
     "clients",
     "dropped",
+    "failed",
     "malicious",
     "train_loss",
     "train_accuracy",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from fedtorch import checkpoint
 from fedtorch.attacks import Attack
 from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
+from fedtorch.errors import FedtorchError
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
@@ -22,6 +24,8 @@ from fedtorch.results import RoundResults
 from fedtorch.sampling import sample_clients
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
+
+log = logging.getLogger("fedtorch")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class RunSettings:
     eval_clients: bool = False
     eval_batch_size: int = 2048
     target_accuracy: float | None = None
+    on_client_failure: str = "drop"
+    min_clients: int = 1
 
 
 class Orchestrator:
@@ -46,8 +52,12 @@ class Orchestrator:
     clients (if any) rewrite their updates; the strategy aggregates the deltas into a new
     global vector; ``max``-rule counters take the element-wise maximum; the global model is
     evaluated every ``eval_every`` rounds and on the last one; a row goes to the logger. The
-    loop stops early once test accuracy reaches ``target_accuracy``. A round in which every
-    client dropped out leaves the model unchanged.
+    loop stops early once test accuracy reaches ``target_accuracy``.
+
+    A client that raises, sends NaN/Inf or a malformed state is dropped from the round and
+    logged with its id and reason (``on_client_failure=raise`` stops instead). If fewer
+    than ``min_clients`` clients report (failures and drop-outs), the run stops with a
+    message; ``min_clients=0`` lets such a round leave the model unchanged.
 
     Outputs in ``run_dir``: ``metrics.csv``, ``metrics.jsonl``, ``metrics.png`` (via the
     logger), ``model.pt`` (final global ``state_dict``) and ``summary.json``.
@@ -113,7 +123,7 @@ class Orchestrator:
                     tasks, round_idx, self.shard_sizes, self.trainer.batch_size
                 )
                 self.attack.prepare(tasks)
-                attacked, trained = 0, 0
+                attacked, trained, failed = 0, 0, 0
                 if tasks:
                     results = self.engine.run(
                         self.trainer,
@@ -123,15 +133,24 @@ class Orchestrator:
                         self.global_vector,
                         round_idx,
                     )
+                    failed = self._check_failures(results, round_idx)
                     attacked = self.attack.corrupt(results, round_idx)
-                    self._apply(results, round_idx)
                     trained = len(results)
+                if trained < s.min_clients:
+                    raise FedtorchError(
+                        f"round {round_idx}: only {trained} of {len(cohort)} sampled clients "
+                        f"reported ({len(dropped)} dropped out, {failed} failed), fewer than "
+                        f"min_clients={s.min_clients}"
+                    )
+                if trained:
+                    self._apply(results, round_idx)
                 bytes_down += self.bytes_down_per_client * len(cohort)
                 bytes_up += self.bytes_up_per_client * trained
 
                 row: dict[str, Any] = {"round": round_idx, "clients": trained}
                 if self.system.dropout:
                     row["dropped"] = len(dropped)
+                row["failed"] = failed
                 if self.attack.malicious:
                     row["malicious"] = attacked
                 if trained:
@@ -171,6 +190,15 @@ class Orchestrator:
         }
         checkpoint.write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _check_failures(self, results: RoundResults, round_idx: int) -> int:
+        """Log each rejected client; raise if ``on_client_failure=raise``. Returns the count."""
+        for failure in results.failures:
+            message = f"round {round_idx}: client {failure.client_id} failed: {failure.reason}"
+            if self.settings.on_client_failure == "raise":
+                raise FedtorchError(f"{message} (on_client_failure=raise)")
+            log.warning("%s; dropped from the round", message)
+        return len(results.failures)
 
     def _apply(self, results: RoundResults, round_idx: int) -> None:
         """Aggregate the clients' results into the global state."""

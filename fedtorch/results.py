@@ -55,6 +55,18 @@ class ClientResult:
 
 
 @dataclass
+class ClientFailure:
+    """A client whose update was rejected this round, and why (shown in the log)."""
+
+    client_id: int
+    reason: str
+
+
+class ClientError(Exception):
+    """Raised inside local training when a client's result is unusable (bad state_dict)."""
+
+
+@dataclass
 class RoundResults:
     """Everything the clients of one round sent back.
 
@@ -63,10 +75,13 @@ class RoundResults:
         deltas: [K, P] matrix; row i is ``clients[i]``'s local minus global values of the
             ``mean`` keys. Engines reuse this buffer from round to round: a strategy that
             keeps deltas beyond ``aggregate`` must copy them.
+        failures: clients that were asked to train but whose update was rejected (raised,
+            non-finite values, malformed state); they are not in ``clients``.
     """
 
     clients: list[ClientResult]
     deltas: torch.Tensor
+    failures: list[ClientFailure] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.clients)

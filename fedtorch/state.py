@@ -111,6 +111,25 @@ class StateLayout:
         for s in self.specs:
             state[s.name].copy_(vector[s.offset : s.offset + s.numel].view(s.shape))
 
+    def mismatch(self, state: Mapping[str, torch.Tensor]) -> str | None:
+        """What is wrong with ``state`` against this layout (keys, shapes), or None."""
+        missing = [k for k in self.rules if k not in state]
+        extra = [k for k in state if k not in self.rules]
+        shapes = {s.name: s.shape for s in self.specs}
+        wrong = [
+            f"{k} {list(state[k].shape)} != {list(shapes[k])}"
+            for k in shapes
+            if k in state and state[k].shape != shapes[k]
+        ]
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else ""))
+        if wrong:
+            parts.append("wrong shape " + ", ".join(wrong[:3]))
+        return "; ".join(parts) or None
+
     def split(self, flat: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Views of ``flat`` ([..., size]) as the ``mean`` keys among ``names``.
 

@@ -71,6 +71,11 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "torch_threads", 1, allow_none=True)
     _bool(cfg, "eval_clients")
     _bool(cfg, "verbose")
+    _int(cfg, "min_clients", 0)
+    if cfg.get("on_client_failure") not in ("drop", "raise"):
+        raise ConfigError(
+            "on_client_failure", f"must be drop or raise, got {cfg.get('on_client_failure')!r}"
+        )
     target = cfg.get("target_accuracy")
     if target is not None and (
         isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1

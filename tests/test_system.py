@@ -70,7 +70,14 @@ def test_update_attacks_rewrite_only_malicious_rows():
 
 def test_dropouts_and_attacks_are_logged(tmp_path):
     cfg = compose_config(
-        [*FAST, "rounds=4", "system.dropout=0.5", "attack=sign_flip", "attack.fraction=0.4"]
+        [
+            *FAST,
+            "rounds=4",
+            "system.dropout=0.5",
+            "min_clients=0",
+            "attack=sign_flip",
+            "attack.fraction=0.4",
+        ]
     )
     orch = build(cfg, tmp_path)
     orch.run()
@@ -78,11 +85,11 @@ def test_dropouts_and_attacks_are_logged(tmp_path):
     assert all(r["clients"] + r["dropped"] == 5 for r in rows)
     assert any(r["dropped"] for r in rows) and all("malicious" in r for r in rows)
     header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
-    assert header.startswith("round,clients,dropped,malicious,")
+    assert header.startswith("round,clients,dropped,failed,malicious,")
 
 
 def test_round_without_clients_keeps_the_model(tmp_path):
-    cfg = compose_config([*FAST, "rounds=1", "system.dropout=0.999999"])
+    cfg = compose_config([*FAST, "rounds=1", "system.dropout=0.999999", "min_clients=0"])
     orch = build(cfg, tmp_path)
     before = orch.global_vector.clone()
     orch.run()

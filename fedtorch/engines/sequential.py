@@ -8,7 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtorch.client import ClientTrainer
-from fedtorch.results import ClientTask, RoundResults
+from fedtorch.errors import FedtorchError
+from fedtorch.results import ClientFailure, ClientResult, ClientTask, RoundResults
 
 
 def delta_buffer(current: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -49,16 +50,30 @@ class SequentialEngine:
         global_vector: torch.Tensor,
         round_idx: int,
     ) -> RoundResults:
-        """Run ``tasks`` in the given order; row i of the deltas is ``tasks[i]``'s client."""
+        """Run ``tasks`` in the given order.
+
+        Row i of the deltas belongs to ``clients[i]`` of the result. A client whose training
+        raises or whose update is not finite is left out and listed in ``failures``.
+        """
         self._deltas = delta_buffer(self._deltas, len(tasks), global_vector)
-        deltas = self._deltas[: len(tasks)]
         todo = tasks
         if self.verbose:
             todo = tqdm(tasks, desc=f"round {round_idx} clients", leave=False)
-        clients = [
-            trainer.train(
-                task, shards[task.client_id], global_state, global_vector, round_idx, deltas[i]
-            )
-            for i, task in enumerate(todo)
-        ]
-        return RoundResults(clients=clients, deltas=deltas)
+        clients: list[ClientResult] = []
+        failures: list[ClientFailure] = []
+        for task in todo:
+            row = self._deltas[len(clients)]
+            try:
+                result = trainer.train(
+                    task, shards[task.client_id], global_state, global_vector, round_idx, row
+                )
+            except FedtorchError:
+                raise
+            except Exception as exc:  # a client's crash must not end the round
+                failures.append(ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}"))
+                continue
+            if not bool(torch.isfinite(row).all()):
+                failures.append(ClientFailure(task.client_id, "update has NaN or Inf values"))
+                continue
+            clients.append(result)
+        return RoundResults(clients, self._deltas[: len(clients)], failures)

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from fedtorch import seeding
 from fedtorch.client import ClientTrainer
 from fedtorch.engines.sequential import delta_buffer
-from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult, ClientTask, RoundResults
+from fedtorch.errors import ConfigError, FedtorchError
+from fedtorch.results import ClientFailure, ClientResult, ClientTask, RoundResults
 
 _UNSUPPORTED_OPTIMIZERS = (torch.optim.LBFGS,)
 
@@ -148,20 +148,43 @@ class VectorizedEngine:
         deltas = self._deltas[: len(tasks)]
         position = {t.client_id: i for i, t in enumerate(tasks)}
         results: dict[int, ClientResult] = {}
+        failures: list[ClientFailure] = []
         for cohort in cohorts:
-            for result in self._train_cohort(
-                trainer,
-                [by_id[c] for c in cohort],
-                schedules,
-                shards,
-                global_state,
-                global_vector,
-                round_idx,
-                deltas,
-                [position[c] for c in cohort],
-            ):
+            try:
+                trained = self._train_cohort(
+                    trainer,
+                    [by_id[c] for c in cohort],
+                    schedules,
+                    shards,
+                    global_state,
+                    global_vector,
+                    round_idx,
+                    deltas,
+                    [position[c] for c in cohort],
+                )
+            except FedtorchError:
+                raise
+            except Exception as exc:  # the cohort trains as one computation: all fail
+                reason = f"{type(exc).__name__} in its cohort: {exc}"
+                failures += [ClientFailure(c, reason) for c in cohort]
+                continue
+            for result in trained:
                 results[result.client_id] = result
-        return RoundResults([results[t.client_id] for t in tasks], deltas)
+        finite = torch.isfinite(deltas).all(dim=1).tolist()
+        kept = []
+        for i, t in enumerate(tasks):
+            if t.client_id not in results:
+                continue
+            if not finite[i]:
+                failures.append(ClientFailure(t.client_id, "update has NaN or Inf values"))
+                continue
+            kept.append(i)
+        if len(kept) == len(tasks):
+            return RoundResults([results[t.client_id] for t in tasks], deltas)
+        rows = torch.tensor(kept, dtype=torch.long, device=deltas.device)
+        return RoundResults(
+            [results[tasks[i].client_id] for i in kept], deltas.index_select(0, rows), failures
+        )
 
     def _train_cohort(
         self,
