@@ -23,7 +23,7 @@ from fedtorch import checkpoint, seeding
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.orchestrator import Orchestrator, RunSettings
+from fedtorch.orchestrator import CheckpointSettings, Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
 from fedtorch.state import StateLayout, expand_key_rules
 from fedtorch.strategies.base import RunContext
@@ -194,6 +194,32 @@ def _run_context(
     )
 
 
+def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
+    """``(run folder, checkpoint file)`` named by ``resume=PATH``; ``(None, None)`` for
+    ``resume=false`` or ``resume=true`` (the current run folder)."""
+    value = cfg.get("resume")
+    if isinstance(value, bool) or value is None:
+        return None, None
+    path = Path(str(value)).expanduser()
+    if path.is_file():
+        return path.parent.parent, path
+    if path.is_dir():
+        return path, None
+    raise ConfigError("resume", f"{path} is neither a run folder nor a checkpoint file")
+
+
+def _checkpointing(cfg: DictConfig) -> CheckpointSettings:
+    _, checkpoint_file = resume_target(cfg)
+    return CheckpointSettings(
+        every=cfg.checkpoint.every,
+        keep=cfg.checkpoint.keep,
+        config=checkpoint.flatten_config(OmegaConf.to_container(cfg, resolve=True)),
+        resume=cfg.resume not in (False, None),
+        resume_from=checkpoint_file,
+        force=cfg.resume_force,
+    )
+
+
 def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     """Validate ``cfg`` and assemble every component of the run writing to ``run_dir``.
 
@@ -264,5 +290,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         run_dir=run_dir,
         system=system,
         attack=attack,
+        checkpointing=_checkpointing(cfg),
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

@@ -46,3 +46,88 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# Checkpoints: everything the next round depends on, one file per saved round.
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT = 1
+# Config keys that may change between a run and its resumption: where files live, how
+# much is logged, how many rounds in total, how checkpoints are kept.
+RESUME_IGNORED = (
+    "resume",
+    "resume_force",
+    "checkpoint",
+    "rounds",
+    "logger",
+    "paths",
+    "verbose",
+    "torch_threads",
+    "data.root",
+    "data.search_paths",
+    "data.download",
+)
+
+
+def checkpoint_path(run_dir: Path, round_idx: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"round_{round_idx:06d}.pt"
+
+
+def save_checkpoint(run_dir: Path, round_idx: int, payload: dict, keep: int) -> Path:
+    """Write ``payload`` atomically as round ``round_idx``'s checkpoint; keep the last ``keep``."""
+    path = checkpoint_path(run_dir, round_idx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    for old in list_checkpoints(run_dir)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint files of a run, newest round first (temporary files ignored)."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    return sorted(folder.glob("round_*.pt"), reverse=True) if folder.is_dir() else []
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load one checkpoint with ``weights_only=True``: tensors and plain data only, so a
+    crafted file cannot run code. Raises ValueError with the reason if it is unusable."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{type(exc).__name__}: {first[:200]}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError("not a fedtorch checkpoint (format field missing or unknown)")
+    return payload
+
+
+def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested dict/list config, minus RESUME_IGNORED."""
+    out: dict[str, Any] = {}
+    if isinstance(node, Mapping):
+        items = node.items()
+    elif isinstance(node, list):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if any(name == p or name.startswith(p + ".") for p in RESUME_IGNORED):
+            continue
+        out.update(
+            flatten_config(value, name) if isinstance(value, (Mapping, list)) else {name: value}
+        )
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key (old -> new)`` for every key whose value differs or exists on one side only."""
+    missing = object()
+    return [
+        f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
+        for k in sorted(set(old) | set(new))
+        if old.get(k, missing) != new.get(k, missing)
+    ]

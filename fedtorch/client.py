@@ -8,7 +8,7 @@ the in-memory dataset, and returns the delta. No per-client model copies, no Dat
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +87,11 @@ class ClientTrainer:
         self.num_classes = int(train_y.max()) + 1 if len(train_y) else 0
         self.local_keys = layout.keys("local")
         self.counter_keys = layout.keys("max")
-        # Per-client values of `local`-rule keys, kept on the CPU between rounds.
+        # Per-client values of `local`-rule keys, kept on the CPU between rounds. A round's
+        # new values wait in `pending_local_state` until the server accepts the round
+        # (commit_local_state), so an interrupted round leaves no trace.
         self.local_state: dict[int, dict[str, torch.Tensor]] = {}
+        self.pending_local_state: dict[int, dict[str, torch.Tensor]] = {}
 
     def num_steps(self, num_samples: int, steps: int | None = None) -> int:
         """Local steps a client with ``num_samples`` samples takes in one round.
@@ -122,6 +125,13 @@ class ClientTrainer:
             padded[epoch, :n] = indices[torch.randperm(n, generator=gen).to(indices.device)]
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
+
+    def commit_local_state(self, client_ids: Sequence[int]) -> None:
+        """Keep the round's new local-key values of ``client_ids``; discard the rest."""
+        for c in client_ids:
+            if c in self.pending_local_state:
+                self.local_state[c] = self.pending_local_state[c]
+        self.pending_local_state.clear()
 
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """The client's model state after local training (what it would send).
@@ -198,7 +208,7 @@ class ClientTrainer:
         self.layout.flatten_into(state, delta_out)
         delta_out.sub_(global_vector)
         if self.local_keys:
-            self.local_state[client_id] = {
+            self.pending_local_state[client_id] = {
                 k: state[k].detach().cpu().clone() for k in self.local_keys
             }
         seen = max(sum(sizes), 1)

@@ -83,5 +83,9 @@ class ClientStateStore:
         return {c: r.clone() for c, r in self._rows.items()}
 
     def load_state_dict(self, rows: dict[int, torch.Tensor]) -> None:
+        """Make the store hold exactly ``rows`` (rows written since are reset to zero)."""
+        if self._table is not None:
+            self._table.zero_()
+        self._rows.clear()
         for c, r in rows.items():
             self.set(int(c), r)

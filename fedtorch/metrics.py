@@ -70,6 +70,21 @@ class MetricsLogger:
         if self._bar is None:
             self._bar = tqdm(desc="rounds", unit="round", dynamic_ncols=True, **self._bar_args)
 
+    def restore(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Start from the rows of an earlier session of this run (resume): the files are
+        rewritten to hold exactly these rows, dropping any logged after the checkpoint."""
+        for row in history:
+            row = dict(row)
+            self.history.append(row)
+            if self._csv is not None:
+                self._csv.writerow({k: _fmt(row.get(k)) for k in BASE_COLUMNS})
+            if self._jsonl is not None:
+                self._jsonl.write(json.dumps(row) + "\n")
+        for fh in (self._csv_file, self._jsonl):
+            if fh is not None:
+                fh.flush()
+        self._bar_args["initial"] = len(self.history)
+
     def log(self, row: Mapping[str, Any]) -> None:
         """Record one round's metrics and advance the progress bar."""
         row = dict(row)

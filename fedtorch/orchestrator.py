@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from fedtorch import checkpoint
 from fedtorch.attacks import Attack
 from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
-from fedtorch.errors import FedtorchError
+from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
@@ -26,6 +29,64 @@ from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
 
 log = logging.getLogger("fedtorch")
+
+
+@dataclass
+class Progress:
+    """The round loop's running totals; saved in every checkpoint."""
+
+    round: int = 0
+    best_accuracy: float | None = None
+    best_round: int | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class CheckpointSettings:
+    """When to checkpoint and whether to resume (``checkpoint.*``, ``resume*`` keys).
+
+    Attributes:
+        every: write a checkpoint every N rounds and at the last one (0: never).
+        keep: how many recent checkpoints to keep.
+        config: the flattened resolved config, compared on resume.
+        resume: continue from the newest usable checkpoint in the run folder.
+        resume_from: a specific checkpoint file to continue from.
+        force: resume even if the config differs.
+    """
+
+    every: int = 0
+    keep: int = 2
+    config: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    resume_from: Path | None = None
+    force: bool = False
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run; ``path`` is the checkpoint that resumes it (or None)."""
+
+    def __init__(self, round_idx: int, path: Path | None) -> None:
+        super().__init__(f"interrupted after round {round_idx}")
+        self.round_idx, self.path = round_idx, path
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold back SIGINT inside the block and raise KeyboardInterrupt after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -78,6 +139,7 @@ class Orchestrator:
         run_dir: Path,
         system: SystemHeterogeneity | None = None,
         attack: Attack | None = None,
+        checkpointing: CheckpointSettings | None = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -91,6 +153,7 @@ class Orchestrator:
         self.logger = logger
         self.run_dir = Path(run_dir)
         self.system = system or SystemHeterogeneity(seed=settings.seed)
+        self.checkpointing = checkpointing or CheckpointSettings()
         self.attack = attack or Attack(num_clients=len(self.shards), seed=settings.seed)
         self.shard_sizes = [len(s) for s in self.shards]
         self.extra_summary = extra_summary or {}
@@ -107,89 +170,180 @@ class Orchestrator:
         )
 
     def run(self) -> dict[str, Any]:
-        """Train for all rounds (or until the target); return the summary (also written)."""
+        """Train for all rounds (or until the target); return the summary (also written).
+
+        Raises:
+            Interrupted: on Ctrl-C, after saving a checkpoint of the last finished round.
+        """
         s = self.settings
-        start = time.perf_counter()
-        best_acc, best_round, target_round, last_eval = None, None, None, {}
-        bytes_up = bytes_down = 0
-        round_idx = 0
+        progress = self._resume() if self.checkpointing.resume else Progress()
+        start = time.perf_counter() - progress.elapsed_s
+        target_round = None
         self.logger.start()
         try:
-            for round_idx in range(1, s.rounds + 1):
+            for round_idx in range(progress.round + 1, s.rounds + 1):
                 t0 = time.perf_counter()
-                cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
-                tasks = self.strategy.configure(cohort, round_idx)
-                tasks, dropped = self.system.apply(
-                    tasks, round_idx, self.shard_sizes, self.trainer.batch_size
-                )
-                self.attack.prepare(tasks)
-                attacked, trained, failed = 0, 0, 0
-                if tasks:
-                    results = self.engine.run(
-                        self.trainer,
-                        tasks,
-                        self.shards,
-                        self.global_state,
-                        self.global_vector,
-                        round_idx,
+                results, row = self._train_round(round_idx)
+                # From here to the end of the round the server state changes: Ctrl-C waits
+                # until the round, its log row and its checkpoint are complete.
+                with deferred_interrupt():
+                    progress = self._finish_round(round_idx, results, row, progress)
+                    row.update(
+                        bytes_up=progress.bytes_up,
+                        bytes_down=progress.bytes_down,
+                        round_time_s=time.perf_counter() - t0,
+                        elapsed_s=time.perf_counter() - start,
                     )
-                    failed = self._check_failures(results, round_idx)
-                    attacked = self.attack.corrupt(results, round_idx)
-                    trained = len(results)
-                if trained < s.min_clients:
-                    raise FedtorchError(
-                        f"round {round_idx}: only {trained} of {len(cohort)} sampled clients "
-                        f"reported ({len(dropped)} dropped out, {failed} failed), fewer than "
-                        f"min_clients={s.min_clients}"
-                    )
-                if trained:
-                    self._apply(results, round_idx)
-                bytes_down += self.bytes_down_per_client * len(cohort)
-                bytes_up += self.bytes_up_per_client * trained
-
-                row: dict[str, Any] = {"round": round_idx, "clients": trained}
-                if self.system.dropout:
-                    row["dropped"] = len(dropped)
-                row["failed"] = failed
-                if self.attack.malicious:
-                    row["malicious"] = attacked
-                if trained:
-                    row.update(_weighted_train_metrics(results))
-                if round_idx % s.eval_every == 0 or round_idx == s.rounds:
-                    last_eval = self._evaluate()
-                    row.update(last_eval)
-                    if best_acc is None or last_eval["test_accuracy"] > best_acc:
-                        best_acc, best_round = last_eval["test_accuracy"], round_idx
-                row.update(
-                    bytes_up=bytes_up,
-                    bytes_down=bytes_down,
-                    round_time_s=time.perf_counter() - t0,
-                    elapsed_s=time.perf_counter() - start,
-                )
-                self.logger.log(row)
-                reached = s.target_accuracy is not None and best_acc is not None
-                if reached and best_acc >= s.target_accuracy:
-                    target_round = best_round
+                    progress.elapsed_s = row["elapsed_s"]
+                    self.logger.log(row)
+                    if self._checkpoint_due(round_idx):
+                        self._save_checkpoint(progress)
+                best = progress.best_accuracy
+                if s.target_accuracy is not None and best is not None and best >= s.target_accuracy:
+                    target_round = progress.best_round
                     break
+        except KeyboardInterrupt:
+            path = self._save_checkpoint(progress) if progress.round else None
+            raise Interrupted(progress.round, path) from None
         finally:
             self.logger.close()
+        if self.checkpointing.every and not self._checkpoint_due(progress.round):
+            self._save_checkpoint(progress)
         checkpoint.save_state(self.global_state, self.run_dir / "model.pt")
+        last_eval = progress.last_eval
         summary = {
-            "rounds_completed": round_idx,
+            "rounds_completed": progress.round,
             "final_accuracy": last_eval.get("test_accuracy"),
             "final_loss": last_eval.get("test_loss"),
-            "best_accuracy": best_acc,
-            "best_round": best_round,
+            "best_accuracy": progress.best_accuracy,
+            "best_round": progress.best_round,
             "target_accuracy": s.target_accuracy,
             "round_reached_target": target_round,
             "wall_time_s": round(time.perf_counter() - start, 3),
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
+            "bytes_up": progress.bytes_up,
+            "bytes_down": progress.bytes_down,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             **self.extra_summary,
         }
         checkpoint.write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _train_round(self, round_idx: int) -> tuple[RoundResults | None, dict[str, Any]]:
+        """Sample, configure and train one round's clients; changes no server state."""
+        s = self.settings
+        cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
+        tasks = self.strategy.configure(cohort, round_idx)
+        tasks, dropped = self.system.apply(
+            tasks, round_idx, self.shard_sizes, self.trainer.batch_size
+        )
+        self.attack.prepare(tasks)
+        results, attacked, failed = None, 0, 0
+        if tasks:
+            results = self.engine.run(
+                self.trainer, tasks, self.shards, self.global_state, self.global_vector, round_idx
+            )
+            failed = self._check_failures(results, round_idx)
+            attacked = self.attack.corrupt(results, round_idx)
+        trained = len(results) if results is not None else 0
+        if trained < s.min_clients:
+            raise FedtorchError(
+                f"round {round_idx}: only {trained} of {len(cohort)} sampled clients "
+                f"reported ({len(dropped)} dropped out, {failed} failed), fewer than "
+                f"min_clients={s.min_clients}"
+            )
+        row: dict[str, Any] = {"round": round_idx, "clients": trained, "sampled": len(cohort)}
+        if self.system.dropout:
+            row["dropped"] = len(dropped)
+        row["failed"] = failed
+        if self.attack.malicious:
+            row["malicious"] = attacked
+        if trained:
+            row.update(_weighted_train_metrics(results))
+        return (results if trained else None), row
+
+    def _finish_round(
+        self, round_idx: int, results: RoundResults | None, row: dict[str, Any], progress: Progress
+    ) -> Progress:
+        """Aggregate, evaluate and return the new progress (the state-changing half)."""
+        s = self.settings
+        sampled = row.pop("sampled")
+        if results is not None:
+            self._apply(results, round_idx)
+            self.trainer.commit_local_state([c.client_id for c in results.clients])
+        progress = replace(
+            progress,
+            round=round_idx,
+            bytes_down=progress.bytes_down + self.bytes_down_per_client * sampled,
+            bytes_up=progress.bytes_up + self.bytes_up_per_client * row["clients"],
+        )
+        if round_idx % s.eval_every == 0 or round_idx == s.rounds:
+            progress.last_eval = self._evaluate()
+            row.update(progress.last_eval)
+            accuracy = progress.last_eval["test_accuracy"]
+            if progress.best_accuracy is None or accuracy > progress.best_accuracy:
+                progress.best_accuracy, progress.best_round = accuracy, round_idx
+        return progress
+
+    def _checkpoint_due(self, round_idx: int) -> bool:
+        every = self.checkpointing.every
+        return bool(every) and (round_idx % every == 0 or round_idx == self.settings.rounds)
+
+    def _save_checkpoint(self, progress: Progress) -> Path:
+        """Write everything the next round depends on (see :mod:`fedtorch.checkpoint`)."""
+        payload = {
+            "format": checkpoint.FORMAT,
+            "round": progress.round,
+            "config": self.checkpointing.config,
+            "global_state": {k: v.detach().cpu() for k, v in self.global_state.items()},
+            "global_vector": self.global_vector.detach().cpu(),
+            "strategy": self.strategy.state_dict(),
+            "local_state": self.trainer.local_state,
+            "rng": {"torch": torch.get_rng_state()},
+            "progress": asdict(progress),
+            "history": self.logger.history,
+        }
+        return checkpoint.save_checkpoint(
+            self.run_dir, progress.round, payload, self.checkpointing.keep
+        )
+
+    def _resume(self) -> Progress:
+        """Load the newest readable checkpoint (or the one named) and restore the run."""
+        c = self.checkpointing
+        candidates = [c.resume_from] if c.resume_from else checkpoint.list_checkpoints(self.run_dir)
+        if not candidates:
+            raise ConfigError(
+                "resume",
+                f"no checkpoint in {self.run_dir / checkpoint.CHECKPOINT_DIR}; "
+                "pass resume=RUN_FOLDER of a run that wrote checkpoints (checkpoint.every > 0)",
+            )
+        payload, path = None, None
+        for path in candidates:
+            try:
+                payload = checkpoint.load_checkpoint(path)
+                break
+            except ValueError as exc:
+                if c.resume_from:
+                    raise DataError(f"{path}: unusable checkpoint: {exc}") from exc
+                log.warning("%s: unusable checkpoint (%s); trying the previous one", path, exc)
+        if payload is None:
+            raise DataError(f"no usable checkpoint in {self.run_dir / checkpoint.CHECKPOINT_DIR}")
+        differences = checkpoint.config_differences(payload["config"], c.config)
+        if differences and not c.force:
+            shown = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
+            raise ConfigError(
+                "resume",
+                f"{path} was written with a different config: {shown}; "
+                "set resume_force=true to resume anyway",
+            )
+        for key, value in payload["global_state"].items():
+            self.global_state[key].copy_(value)
+        self.global_vector = payload["global_vector"].to(self.global_vector.device)
+        self.strategy.load_state_dict(payload["strategy"])
+        self.trainer.local_state = payload["local_state"]
+        torch.set_rng_state(payload["rng"]["torch"])
+        self.logger.restore(payload["history"])
+        log.info("resuming after round %d from %s", payload["round"], path)
+        return Progress(**payload["progress"])
 
     def _check_failures(self, results: RoundResults, round_idx: int) -> int:
         """Log each rejected client; raise if ``on_client_failure=raise``. Returns the count."""

@@ -18,15 +18,24 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedtorch import checkpoint
-from fedtorch.build import build
+from fedtorch.build import build, resume_target
 from fedtorch.errors import FedtorchError
+from fedtorch.orchestrator import Interrupted
 
 log = logging.getLogger("fedtorch")
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run one federated training job described by ``cfg``; return its summary."""
-    run_dir = Path(run_dir)
+    """Run one federated training job described by ``cfg``; return its summary.
+
+    With ``resume=PATH`` the run continues in that folder instead of ``run_dir``.
+
+    Raises:
+        FedtorchError: a user error, before training starts.
+        Interrupted: Ctrl-C; the checkpoint to resume from was saved.
+    """
+    resumed_dir, _ = resume_target(cfg)
+    run_dir = resumed_dir or Path(run_dir)
     orchestrator = build(cfg, run_dir)
     checkpoint.atomic_write_bytes(
         run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
@@ -64,13 +73,22 @@ def _full_errors() -> bool:
 @hydra.main(version_base="1.3", config_path="pkg://fedtorch.configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best accuracy (useful to sweepers)."""
+    hydra_cfg = HydraConfig.get()
     try:
-        summary = train(cfg, HydraConfig.get().runtime.output_dir)
+        summary = train(cfg, hydra_cfg.runtime.output_dir)
     except FedtorchError as exc:
         if _full_errors():
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(f"\ninterrupted after round {stop.round_idx}", file=sys.stderr)
+        if stop.path is not None:
+            run_dir = stop.path.parent.parent
+            kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume")]
+            command = " ".join(["python -m fedtorch.train", *kept, f"resume={run_dir}"])
+            print(f"checkpoint: {stop.path}\nresume with: {command}", file=sys.stderr)
+        sys.exit(130)
     return summary["best_accuracy"]
 
 

@@ -29,12 +29,14 @@ GROUPS = (
 )
 
 
-def _int(cfg: DictConfig, key: str, minimum: int, allow_none: bool = False) -> None:
-    value = cfg.get(key)
+def _int(
+    cfg: DictConfig, name: str, minimum: int, allow_none: bool = False, key: str | None = None
+) -> None:
+    value = cfg.get(name)
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(key, f"must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(key or name, f"must be an integer >= {minimum}, got {value!r}")
 
 
 def _bool(cfg: DictConfig, key: str) -> None:
@@ -72,6 +74,12 @@ def validate_config(cfg: DictConfig) -> None:
     _bool(cfg, "eval_clients")
     _bool(cfg, "verbose")
     _int(cfg, "min_clients", 0)
+    _int(cfg.checkpoint, "every", 0, key="checkpoint.every")
+    _int(cfg.checkpoint, "keep", 1, key="checkpoint.keep")
+    _bool(cfg, "resume_force")
+    resume = cfg.get("resume")
+    if not isinstance(resume, (bool, str)) or resume == "":
+        raise ConfigError("resume", f"must be false, true or a run folder, got {resume!r}")
     if cfg.get("on_client_failure") not in ("drop", "raise"):
         raise ConfigError(
             "on_client_failure", f"must be drop or raise, got {cfg.get('on_client_failure')!r}"

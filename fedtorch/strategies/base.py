@@ -70,3 +70,10 @@ class Strategy:
         self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Everything the next round depends on (tensors, numbers, dicts), for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""

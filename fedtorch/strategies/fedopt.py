@@ -39,6 +39,7 @@ class FedAvgM(_ServerOptimizer):
         delta = self.average_delta(results)
         if self.buffer is None:
             self.buffer = torch.zeros_like(delta)
+        self.buffer = self.buffer.to(delta.device)
         new, self.buffer = momentum_step(
             global_vector, delta, self.buffer, self.server_lr, self.momentum
         )
@@ -48,6 +49,7 @@ class FedAvgM(_ServerOptimizer):
         return {"buffer": self.buffer}
 
     def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        """Restore the buffer (moved to the aggregation device at the next round)."""
         self.buffer = state["buffer"]
 
 
@@ -77,6 +79,7 @@ class _Adaptive(_ServerOptimizer):
         if self.m is None:
             self.m = torch.zeros_like(delta)
             self.v = torch.full_like(delta, self.tau**2)
+        self.m, self.v = self.m.to(delta.device), self.v.to(delta.device)
         new, self.m, self.v = adaptive_step(
             self.kind,
             global_vector,
