@@ -208,13 +208,20 @@ def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
     raise ConfigError("resume", f"{path} is neither a run folder nor a checkpoint file")
 
 
-def _checkpointing(cfg: DictConfig) -> CheckpointSettings:
+def _checkpointing(cfg: DictConfig, run_dir: Path) -> CheckpointSettings:
     _, checkpoint_file = resume_target(cfg)
+    resume = cfg.resume not in (False, None)
+    if resume and checkpoint_file is None and not checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(
+            "resume",
+            f"no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}; pass resume=RUN_FOLDER "
+            "of a run that wrote checkpoints (checkpoint.every > 0)",
+        )
     return CheckpointSettings(
         every=cfg.checkpoint.every,
         keep=cfg.checkpoint.keep,
         config=checkpoint.flatten_config(OmegaConf.to_container(cfg, resolve=True)),
-        resume=cfg.resume not in (False, None),
+        resume=resume,
         resume_from=checkpoint_file,
         force=cfg.resume_force,
     )
@@ -241,6 +248,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
             "hydra.run.dir", f"output folder {run_dir} is not writable ({exc.strerror})"
         ) from exc
 
+    checkpointing = _checkpointing(cfg, run_dir)
     data = _setup_data(cfg, device)
     clients_per_round = cohort_size(cfg.num_clients, cfg.clients_per_round, cfg.fraction)
     shards = _setup_partition(cfg, data)
@@ -260,6 +268,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         seed=cfg.seed,
     )
     engine = _instantiate(cfg.engine, "engine")
+    if hasattr(engine, "check"):
+        engine.check(trainer)
     strategy = _instantiate(cfg.strategy, "strategy")
     strategy.bind(_run_context(cfg, trainer, layout, clients_per_round, run_dir))
     system = _instantiate(cfg.system, "system", seed=cfg.seed)
@@ -290,6 +300,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         run_dir=run_dir,
         system=system,
         attack=attack,
-        checkpointing=_checkpointing(cfg),
+        checkpointing=checkpointing,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

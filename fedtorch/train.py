@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from fedtorch import checkpoint
 from fedtorch.build import build, resume_target
 from fedtorch.errors import FedtorchError
+from fedtorch.hydra_errors import precheck
 from fedtorch.orchestrator import Interrupted
 
 log = logging.getLogger("fedtorch")
@@ -92,5 +93,17 @@ def main(cfg: DictConfig) -> float | None:
     return summary["best_accuracy"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m fedtorch.train``: Hydra's own config errors as one line, then run."""
+    try:
+        precheck(sys.argv[1:])
+    except FedtorchError as exc:
+        if _full_errors():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -53,9 +53,8 @@ def test_vectorized_matches_sequential(tmp_path, extra):
 
 def test_vectorized_refuses_batchnorm(tmp_path):
     cfg = compose_config([*FAST, "engine=vectorized", "model._target_=tests.test_training.BNNet"])
-    orch = build(cfg, tmp_path / "bn")
     with pytest.raises(ConfigError, match="engine=sequential"):
-        orch.run()
+        build(cfg, tmp_path / "bn")  # before training
 
 
 def test_auto_cohort_size_follows_budget(tmp_path):

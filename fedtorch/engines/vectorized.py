@@ -97,7 +97,8 @@ class VectorizedEngine:
         self._auto_size: int | None = None
         self._deltas: torch.Tensor | None = None
 
-    def _check(self, trainer: ClientTrainer) -> None:
+    def check(self, trainer: ClientTrainer) -> None:
+        """Raise ConfigError if this run cannot be vectorized (called before training)."""
         if self._checked:
             return
         check_vectorizable(trainer.model)
@@ -133,7 +134,7 @@ class VectorizedEngine:
         round_idx: int,
     ) -> RoundResults:
         """Run ``tasks``; row i of the deltas belongs to ``tasks[i]``'s client."""
-        self._check(trainer)
+        self.check(trainer)
         by_id = {t.client_id: t for t in tasks}
         schedules = {
             c: trainer.schedule(c, shards[c].to(trainer.device), round_idx, t.steps)

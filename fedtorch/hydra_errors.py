@@ -1,0 +1,90 @@
+"""One-line errors for mistakes Hydra itself catches (unknown option or key, bad override
+syntax, an output folder that cannot be created).
+
+Hydra reports these with several lines and a hint about HYDRA_FULL_ERROR. Before handing
+the command line to Hydra, :func:`precheck` composes the config the same way and turns
+those failures into :class:`~fedtorch.errors.ConfigError` lines naming the key. Command
+lines it does not model (``--multirun``, ``--cfg``, ``--config-dir``, ...) go to Hydra
+unchecked, and any failure it does not recognise is left for Hydra to report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.errors import (
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
+
+from fedtorch.errors import ConfigError
+
+_MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
+_NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
+
+
+def precheck(argv: Sequence[str]) -> None:
+    """Raise ConfigError if Hydra would reject ``argv`` (overrides of a single run)."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(argv), return_hydra_config=True)
+    except MissingConfigException as exc:
+        raise _missing_option(exc) from exc
+    except OverrideParseException as exc:
+        detail = str(exc).splitlines()[0]
+        raise ConfigError("override", f"cannot parse the command line: {detail}") from exc
+    except ConfigCompositionException as exc:
+        raise _composition(exc) from exc
+    except Exception:
+        return  # not one of ours: let Hydra report it
+    run_dir = Path(str(cfg.hydra.run.dir))
+    problem = _unwritable(run_dir)
+    if problem:
+        raise ConfigError("hydra.run.dir", f"cannot create the output folder {run_dir}: {problem}")
+
+
+def _missing_option(exc: MissingConfigException) -> ConfigError:
+    text = str(exc)
+    match = _MISSING_OPTION.search(text)
+    if not match:
+        return ConfigError("config", text.splitlines()[0])
+    group, option = match.groups()
+    options = [
+        line.strip()
+        for line in text.split("Available options", 1)[-1].splitlines()[1:]
+        if line.startswith("\t")
+    ]
+    choices = f"; choose from {', '.join(options)}" if options else ""
+    return ConfigError(group, f"no option {option!r}{choices}")
+
+
+def _composition(exc: ConfigCompositionException) -> ConfigError:
+    text = str(exc)
+    match = _NOT_OVERRIDABLE.search(text)
+    if match and "not in struct" in str(exc.__cause__):
+        key = match.group(1)
+        return ConfigError(key, f"no such key (check the spelling; +{key}=VALUE adds a new one)")
+    if match:
+        return ConfigError(match.group(1), text.splitlines()[-1].strip())
+    return ConfigError("config", text.splitlines()[0])
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be created or written, or None."""
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
