@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench reproduce lint clean
+.PHONY: help install test test-full train sweep bench reproduce niid-bench robust lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -36,6 +36,12 @@ bench: ## speed benchmark: reference loop vs fedtorch engines vs Flower (experim
 
 reproduce: ## NIID-Bench FedAvg on Fashion-MNIST, Dir(0.5), 50 rounds (experiments/fmnist_dirichlet)
 	PATH="$(abspath $(VENV))/bin:$$PATH" experiments/fmnist_dirichlet/run.sh $(ARGS)
+
+niid-bench: ## NIID-Bench grid on Fashion-MNIST, resumable (experiments/niid_bench; ARGS="--only dir0.5")
+	$(PY) experiments/niid_bench/run.py $(ARGS)
+
+robust: ## robust aggregators vs FedAvg under 20% sign-flipping clients (experiments/robust)
+	$(PY) experiments/robust/run.py $(ARGS)
 
 lint: ## ruff lint and format check
 	$(PY) -m ruff check fedtorch tests experiments

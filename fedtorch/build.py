@@ -177,6 +177,13 @@ def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.
     return model
 
 
+def _averages_plainly(strategy: Any) -> bool:
+    """A FedAvg-family strategy that needs nothing but the average delta."""
+    from fedtorch.strategies import FedAvg, FedDyn, Scaffold
+
+    return isinstance(strategy, FedAvg) and not isinstance(strategy, (FedDyn, Scaffold))
+
+
 def _run_context(
     cfg: DictConfig, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
 ) -> RunContext:
@@ -272,6 +279,20 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         engine.check(trainer)
     strategy = _instantiate(cfg.strategy, "strategy")
     strategy.bind(_run_context(cfg, trainer, layout, clients_per_round, run_dir))
+    privacy = _instantiate(cfg.privacy, "privacy", seed=cfg.seed)
+    privacy.bind(cfg.num_clients, clients_per_round, cfg.rounds)
+    secure_agg = _instantiate(cfg.secure_aggregation, "secure_aggregation", seed=cfg.seed)
+    secure_agg.bind(
+        privacy.clip_norm if privacy.enabled else None,
+        privacy.enabled and privacy.mode == "local",
+    )
+    if (privacy.enabled or secure_agg.enabled) and not _averages_plainly(strategy):
+        raise ConfigError(
+            "strategy",
+            f"{type(strategy).__name__} cannot run with privacy or secure aggregation, which "
+            "release only the average update; use fedavg, fedprox, fedavgm, fedadagrad, "
+            "fedadam or fedyogi",
+        )
     system = _instantiate(cfg.system, "system", seed=cfg.seed)
     attack = _instantiate(cfg.attack, "attack", num_clients=cfg.num_clients, seed=cfg.seed)
     logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
@@ -301,5 +322,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         system=system,
         attack=attack,
         checkpointing=checkpointing,
+        privacy=privacy,
+        secure_agg=secure_agg,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

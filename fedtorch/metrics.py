@@ -24,6 +24,8 @@ BASE_COLUMNS = (
     "test_accuracy",
     "client_accuracy_mean",
     "client_accuracy_worst10",
+    "epsilon",
+    "clip_norm",
     "bytes_up",
     "bytes_down",
     "round_time_s",

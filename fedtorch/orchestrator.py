@@ -23,8 +23,10 @@ from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
-from fedtorch.results import RoundResults
-from fedtorch.sampling import sample_clients
+from fedtorch.privacy.dp import DifferentialPrivacy, NoPrivacy
+from fedtorch.privacy.secagg import SecureAggregation
+from fedtorch.results import ClientResult, RoundResults
+from fedtorch.sampling import sample_clients, sample_poisson
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
 
@@ -140,6 +142,8 @@ class Orchestrator:
         system: SystemHeterogeneity | None = None,
         attack: Attack | None = None,
         checkpointing: CheckpointSettings | None = None,
+        privacy: DifferentialPrivacy | NoPrivacy | None = None,
+        secure_agg: SecureAggregation | None = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -154,6 +158,9 @@ class Orchestrator:
         self.run_dir = Path(run_dir)
         self.system = system or SystemHeterogeneity(seed=settings.seed)
         self.checkpointing = checkpointing or CheckpointSettings()
+        self.privacy = privacy or NoPrivacy()
+        self.secure_agg = secure_agg or SecureAggregation()
+        self._round_metrics: dict[str, Any] = {}
         self.attack = attack or Attack(num_clients=len(self.shards), seed=settings.seed)
         self.shard_sizes = [len(s) for s in self.shards]
         self.extra_summary = extra_summary or {}
@@ -178,10 +185,20 @@ class Orchestrator:
         s = self.settings
         progress = self._resume() if self.checkpointing.resume else Progress()
         start = time.perf_counter() - progress.elapsed_s
-        target_round = None
+        target_round, budget_stop = None, False
         self.logger.start()
         try:
             for round_idx in range(progress.round + 1, s.rounds + 1):
+                if not self.privacy.round_allowed():
+                    budget_stop = True
+                    log.info(
+                        "privacy budget: round %d would take epsilon past "
+                        "privacy.target_epsilon=%g; stopping after round %d",
+                        round_idx,
+                        self.privacy.target_epsilon,
+                        progress.round,
+                    )
+                    break
                 t0 = time.perf_counter()
                 results, row = self._train_round(round_idx)
                 # From here to the end of the round the server state changes: Ctrl-C waits
@@ -223,6 +240,7 @@ class Orchestrator:
             "bytes_up": progress.bytes_up,
             "bytes_down": progress.bytes_down,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            **self._privacy_summary(budget_stop),
             **self.extra_summary,
         }
         checkpoint.write_json(self.run_dir / "summary.json", summary)
@@ -231,7 +249,11 @@ class Orchestrator:
     def _train_round(self, round_idx: int) -> tuple[RoundResults | None, dict[str, Any]]:
         """Sample, configure and train one round's clients; changes no server state."""
         s = self.settings
-        cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
+        if self.privacy.sampling == "poisson":
+            rate = s.clients_per_round / len(self.shards)
+            cohort = sample_poisson(len(self.shards), rate, s.seed, round_idx)
+        else:
+            cohort = sample_clients(len(self.shards), s.clients_per_round, s.seed, round_idx)
         tasks = self.strategy.configure(cohort, round_idx)
         tasks, dropped = self.system.apply(
             tasks, round_idx, self.shard_sizes, self.trainer.batch_size
@@ -267,6 +289,10 @@ class Orchestrator:
         """Aggregate, evaluate and return the new progress (the state-changing half)."""
         s = self.settings
         sampled = row.pop("sampled")
+        self._round_metrics = row
+        if results is None and self.privacy.enabled:  # noise is released every round
+            empty = torch.zeros(0, self.layout.size, device=self.global_vector.device)
+            results = RoundResults([], empty)
         if results is not None:
             self._apply(results, round_idx)
             self.trainer.commit_local_state([c.client_id for c in results.clients])
@@ -284,6 +310,19 @@ class Orchestrator:
                 progress.best_accuracy, progress.best_round = accuracy, round_idx
         return progress
 
+    def _privacy_summary(self, budget_stop: bool) -> dict[str, Any]:
+        if not self.privacy.enabled:
+            return {}
+        p = self.privacy
+        return {
+            "epsilon": p.accountant.epsilon(p.delta),
+            "delta": p.delta,
+            "noise_multiplier": p.noise_multiplier,
+            "privacy_mode": p.mode,
+            "client_sampling": p.sampling,
+            "stopped_by_privacy_budget": budget_stop,
+        }
+
     def _checkpoint_due(self, round_idx: int) -> bool:
         every = self.checkpointing.every
         return bool(every) and (round_idx % every == 0 or round_idx == self.settings.rounds)
@@ -297,6 +336,7 @@ class Orchestrator:
             "global_state": {k: v.detach().cpu() for k, v in self.global_state.items()},
             "global_vector": self.global_vector.detach().cpu(),
             "strategy": self.strategy.state_dict(),
+            "privacy": self.privacy.state_dict(),
             "local_state": self.trainer.local_state,
             "rng": {"torch": torch.get_rng_state()},
             "progress": asdict(progress),
@@ -339,6 +379,7 @@ class Orchestrator:
             self.global_state[key].copy_(value)
         self.global_vector = payload["global_vector"].to(self.global_vector.device)
         self.strategy.load_state_dict(payload["strategy"])
+        self.privacy.load_state_dict(payload["privacy"])
         self.trainer.local_state = payload["local_state"]
         torch.set_rng_state(payload["rng"]["torch"])
         self.logger.restore(payload["history"])
@@ -354,14 +395,60 @@ class Orchestrator:
             log.warning("%s; dropped from the round", message)
         return len(results.failures)
 
+    def _private_aggregate(
+        self, results: RoundResults, round_idx: int
+    ) -> tuple[RoundResults, dict[str, Any]]:
+        """Clip/noise (DP) and securely sum the updates; the strategy then sees one row.
+
+        Without DP the rows are pre-weighted (sample-weighted or uniform, as the strategy
+        asks) so the secure sum is already the average; with DP the private mean is
+        sum / (q N) (see :mod:`fedtorch.privacy.dp`).
+        """
+        ids = [c.client_id for c in results.clients]
+        rows, metrics, unclipped = results.deltas, {}, 0.0
+        if self.privacy.enabled:
+            reports = self.privacy.client_side(rows, ids, round_idx)
+            unclipped = float(reports.unclipped.sum())
+        else:
+            counts = results.sample_counts()
+            if not getattr(self.strategy, "weighted", True):
+                counts = torch.ones_like(counts)
+            rows.mul_((counts / counts.sum())[:, None])
+        if self.secure_agg.enabled:
+            messages, held, clipped = self.secure_agg.mask(rows, ids, round_idx)
+            delivered = self.secure_agg.survivors(ids, round_idx)
+            total = self.secure_agg.unmask_sum(
+                messages, ids, delivered, {h: held[h] for h in delivered}, round_idx
+            ).to(rows.device, rows.dtype)
+            if clipped:
+                log.warning(
+                    "round %d: secure aggregation clipped %d coordinates to +-%g "
+                    "(raise secure_aggregation.value_range)",
+                    round_idx,
+                    clipped,
+                    self.secure_agg.value_range,
+                )
+            metrics.update(secagg_dropped=len(ids) - len(delivered), secagg_clipped=clipped)
+        else:
+            total = rows.sum(dim=0)
+        mean = total
+        if self.privacy.enabled:
+            mean, released = self.privacy.release(total, unclipped, round_idx)
+            metrics.update(released)
+        return RoundResults([ClientResult(-1, 1)], mean[None, :]), metrics
+
     def _apply(self, results: RoundResults, round_idx: int) -> None:
         """Aggregate the clients' results into the global state."""
+        counters_from = results
+        if self.privacy.enabled or self.secure_agg.enabled:
+            results, metrics = self._private_aggregate(results, round_idx)
+            self._round_metrics.update(metrics)
         self.global_vector = self.strategy.aggregate(self.global_vector, results, round_idx)
         self.layout.unflatten_into(self.global_vector, self.global_state)
         counter_keys = self.layout.keys("max")
-        if counter_keys:
+        if counter_keys and counters_from.clients:
             self.global_state.update(
-                aggregate_max([c.counters for c in results.clients], counter_keys)
+                aggregate_max([c.counters for c in counters_from.clients], counter_keys)
             )
 
     def _owner_map(self) -> torch.Tensor:

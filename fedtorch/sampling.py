@@ -39,3 +39,12 @@ def sample_clients(num_clients: int, k: int, seed: int, round_idx: int) -> list[
         return list(range(num_clients))
     gen = seeding.generator(seed, seeding.CLIENT_SAMPLING, round_idx)
     return sorted(torch.randperm(num_clients, generator=gen)[:k].tolist())
+
+
+def sample_poisson(num_clients: int, rate: float, seed: int, round_idx: int) -> list[int]:
+    """Each client independently with probability ``rate`` (the cohort size varies).
+
+    The sampling that DP accounting for subsampled mechanisms assumes.
+    """
+    gen = seeding.generator(seed, seeding.CLIENT_SAMPLING, round_idx)
+    return torch.nonzero(torch.rand(num_clients, generator=gen) < rate).flatten().tolist()

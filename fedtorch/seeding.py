@@ -21,6 +21,8 @@ CLIENT_TRAINING = 4
 DATASET = 5
 SYSTEM = 6
 ATTACK = 7
+PRIVACY = 8
+SECAGG = 9
 
 
 def derive_seed(seed: int, *path: int) -> int:

@@ -26,6 +26,8 @@ GROUPS = (
     "logger",
     "system",
     "attack",
+    "privacy",
+    "secure_aggregation",
 )
 
 

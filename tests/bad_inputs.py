@@ -112,7 +112,7 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "unwritable output folder",
         ["hydra.run.dir=/dev/null/run"],
-        "hydra.run.dir: cannot create the output folder /dev/null/run: /dev/null is a file, not a folder",
+        "hydra.run.dir: cannot create the output folder /dev/null/run: /dev/null is a file",
     ),
     (
         "CUDA on a machine without it",
@@ -138,7 +138,7 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "robust rule with too few clients",
         ["strategy=bulyan"],
-        "strategy.num_byzantine: Bulyan with these settings needs at least 7 clients per round, got clients_per_round=5",
+        "strategy.num_byzantine: Bulyan with these settings needs at least 7 clients per round",
     ),
     (
         "FedNova with a non-SGD optimizer",

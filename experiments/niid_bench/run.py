@@ -7,8 +7,9 @@ simple CNN; partitions IID, Dir(0.5), #C=1, #C=2, #C=3; FedAvg, FedProx (mu tune
 comes from the ``fmnist_dirichlet`` preset.
 
 Resumable run by run: a cell whose ``summary.json`` exists is skipped, so the grid can be
-run in parts (``--only``) and restarted after an interruption (an interrupted cell starts
-over). Every finished cell rewrites ``results/table.md`` and the table in README.md.
+run in parts (``--only``); an interrupted cell continues from its last checkpoint (every
+5 rounds) with ``resume=true``. Every finished cell rewrites ``results/table.md`` and the
+table in README.md.
 
     python experiments/niid_bench/run.py                  # everything still missing
     python experiments/niid_bench/run.py --only dir0.5    # cells whose name contains it
@@ -80,6 +81,11 @@ def summary(partition: str, algorithm: str) -> dict | None:
 
 def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> None:
     out = RUNS / partition / algorithm
+    resume = (
+        ["resume=true"]
+        if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("round_*.pt"))
+        else []
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -90,6 +96,7 @@ def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> 
         "logger=quiet",
         f"torch_threads={threads}",
         f"hydra.run.dir={out}",
+        *resume,
         *extra,
     ]
     print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}: {' '.join(cmd[2:])}", flush=True)
@@ -162,9 +169,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
     parser.add_argument("overrides", nargs="*", help="extra fedtorch overrides for every run")
     args = parser.parse_args()
-    todo = [
-        (p, a) for p, a in cells() if not args.only or any(o in f"{p}/{a}" for o in args.only)
-    ]
+    todo = [(p, a) for p, a in cells() if not args.only or any(o in f"{p}/{a}" for o in args.only)]
     if args.list:
         for p, a in todo:
             s = summary(p, a)

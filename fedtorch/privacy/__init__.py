@@ -1,0 +1,13 @@
+"""Privacy: differential privacy of the global model (clipping, noise, accounting) and
+secure aggregation of client updates."""
+
+from fedtorch.privacy.accounting import PrivacyAccountant, calibrate_noise
+from fedtorch.privacy.dp import DifferentialPrivacy, NoPrivacy, clip_rows
+
+__all__ = [
+    "DifferentialPrivacy",
+    "NoPrivacy",
+    "PrivacyAccountant",
+    "calibrate_noise",
+    "clip_rows",
+]
