@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench reproduce niid-bench robust lint clean
+.PHONY: help install test test-full train sweep bench reproduce niid-bench robust privacy lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ niid-bench: ## NIID-Bench grid on Fashion-MNIST, resumable (experiments/niid_ben
 
 robust: ## robust aggregators vs FedAvg under 20% sign-flipping clients (experiments/robust)
 	$(PY) experiments/robust/run.py $(ARGS)
+
+privacy: ## DP-FedAvg accuracy vs epsilon, with and without secure aggregation (experiments/privacy)
+	$(PY) experiments/privacy/run.py $(ARGS)
 
 lint: ## ruff lint and format check
 	$(PY) -m ruff check fedtorch tests experiments

@@ -126,6 +126,22 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for a batch (DP-SGD wraps the model to get per-sample grads)."""
+        return self.model(x)
+
+    def privatize_gradients(
+        self, batch_size: int, client_id: int, round_idx: int, step: int
+    ) -> None:
+        """Hook between backward and the optimizer step; DP-SGD clips and noises here."""
+
+    def state_dict(self) -> dict:
+        """Trainer state the next round depends on, besides ``local_state`` (checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`."""
+
     def commit_local_state(self, client_ids: Sequence[int]) -> None:
         """Keep the round's new local-key values of ``client_ids``; discard the rest."""
         for c in client_ids:
@@ -183,15 +199,16 @@ class ClientTrainer:
         # no extra kernels in the loop; they are reduced once at the end.
         losses, hits = [], []
         batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx, task.steps)
-        for row, size in zip(batches, sizes):
+        for step, (row, size) in enumerate(zip(batches, sizes)):
             batch = row[:size]
             x, y = self.train_x[batch], self.train_y[batch]
             if task.flip_labels:
                 y = self.num_classes - 1 - y
-            logits = model(x)
+            logits = self.forward(x)
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.privatize_gradients(size, client_id, round_idx, step)
             if mu or corrections:
                 _add_gradient_terms(params, anchors, mu, corrections)
             optimizer.step()

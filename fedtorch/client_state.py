@@ -60,6 +60,15 @@ class ClientStateStore:
             self._table = flat.view(num_clients, size)
             self.path = path
 
+    @classmethod
+    def for_run(cls, context, storage: str, name: str) -> ClientStateStore:
+        """A store of one [P] row per client of the run described by ``context`` (a
+        :class:`~fedtorch.strategies.base.RunContext`), on disk under
+        ``run_dir/client_state/NAME.bin`` when ``storage`` is ``disk``."""
+        run_dir = context.run_dir
+        path = run_dir / "client_state" / f"{name}.bin" if run_dir else None
+        return cls(context.num_clients, context.size, storage, path, "strategy.client_state")
+
     def get(self, client_id: int) -> torch.Tensor:
         """Client ``client_id``'s row [P] on the CPU (zeros if never written); a copy."""
         if self._table is not None:

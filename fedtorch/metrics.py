@@ -26,6 +26,7 @@ BASE_COLUMNS = (
     "client_accuracy_worst10",
     "epsilon",
     "clip_norm",
+    "client_epsilon_max",
     "bytes_up",
     "bytes_down",
     "round_time_s",

@@ -311,6 +311,13 @@ class Orchestrator:
         return progress
 
     def _privacy_summary(self, budget_stop: bool) -> dict[str, Any]:
+        accountants = getattr(self.trainer, "accountants", None)
+        if accountants:  # client=dpsgd
+            delta = self.trainer.delta
+            return {
+                "client_epsilon_max": max(a.epsilon(delta) for a in accountants.values()),
+                "client_delta": delta,
+            }
         if not self.privacy.enabled:
             return {}
         p = self.privacy
@@ -338,6 +345,7 @@ class Orchestrator:
             "strategy": self.strategy.state_dict(),
             "privacy": self.privacy.state_dict(),
             "local_state": self.trainer.local_state,
+            "trainer": self.trainer.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "progress": asdict(progress),
             "history": self.logger.history,
@@ -381,6 +389,7 @@ class Orchestrator:
         self.strategy.load_state_dict(payload["strategy"])
         self.privacy.load_state_dict(payload["privacy"])
         self.trainer.local_state = payload["local_state"]
+        self.trainer.load_state_dict(payload["trainer"])
         torch.set_rng_state(payload["rng"]["torch"])
         self.logger.restore(payload["history"])
         log.info("resuming after round %d from %s", payload["round"], path)
@@ -484,8 +493,12 @@ def _weighted_train_metrics(results: RoundResults) -> dict[str, float]:
     total = sum(r.num_samples for r in results.clients)
     if total == 0:
         return {}
-    return {
+    out = {
         key: sum(r.metrics[key] * r.num_samples for r in results.clients) / total
         for key in ("train_loss", "train_accuracy")
         if all(key in r.metrics for r in results.clients)
     }
+    epsilons = [r.metrics["epsilon"] for r in results.clients if "epsilon" in r.metrics]
+    if epsilons:  # client=dpsgd: each client's sample-level epsilon so far
+        out["client_epsilon_max"] = max(epsilons)
+    return out

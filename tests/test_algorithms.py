@@ -194,3 +194,17 @@ def test_client_state_store_on_disk(tmp_path):
     memory = ClientStateStore(1000, 4)
     memory.load_state_dict({3: torch.ones(4)})
     assert torch.equal(memory.get(3), torch.ones(4)) and memory.state_dict().keys() == {3}
+
+
+def test_disk_client_state_in_a_run_matches_memory(tmp_path):
+    from fedtorch.build import build
+    from tests.conftest import FAST, compose_config
+
+    runs = {}
+    for storage in ("memory", "disk"):
+        cfg = compose_config([*FAST, "strategy=scaffold", f"strategy.client_state={storage}"])
+        orch = build(cfg, tmp_path / storage)
+        orch.run()
+        runs[storage] = orch.global_vector
+    assert torch.equal(runs["memory"], runs["disk"])
+    assert (tmp_path / "disk" / "client_state" / "scaffold_ci.bin").exists()

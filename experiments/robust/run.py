@@ -11,16 +11,14 @@ a ``summary.json`` is skipped. Writes ``results/table.md`` and the table in READ
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
-RUNS = HERE / "results" / "runs"
+sys.path.insert(0, str(HERE.parent))
+from common import load_run, replace_block, run_fedtorch  # noqa: E402
 
+RUNS = HERE / "results" / "runs"
 CELLS = {
     "fedavg_clean": ["strategy=fedavg", "attack=none"],
     "fedavg": ["strategy=fedavg"],
@@ -32,21 +30,13 @@ CELLS = {
 }
 
 
-def load(name: str) -> tuple[dict, list[dict]] | None:
-    folder = RUNS / name
-    if not (folder / "summary.json").exists():
-        return None
-    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    return json.loads((folder / "summary.json").read_text()), rows
-
-
 def table() -> str:
     lines = [
         "| aggregator | attack | final acc (%) | best acc (%) | round time (s) |",
         "|---|---|---|---|---|",
     ]
     for name, overrides in CELLS.items():
-        loaded = load(name)
+        loaded = load_run(RUNS / name)
         attack = "none" if "attack=none" in overrides else "20% sign-flip x5"
         if loaded is None:
             lines.append(f"| {name} | {attack} | — | — | — |")
@@ -65,27 +55,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = parser.parse_args()
     for name, overrides in CELLS.items():
-        if load(name) is None:
-            cmd = [
-                sys.executable,
-                "-m",
-                "fedtorch.train",
-                "+experiment=fmnist_robust",
-                *overrides,
-                "logger=quiet",
-                f"torch_threads={args.threads}",
-                f"hydra.run.dir={RUNS / name}",
-            ]
-            print(" ".join(cmd[2:]), flush=True)
-            subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if load_run(RUNS / name) is None:
+            run_fedtorch(["+experiment=fmnist_robust", *overrides], RUNS / name, args.threads)
     text = table()
     (HERE / "results" / "table.md").write_text(text + "\n")
-    readme = HERE / "README.md"
-    start, end = "<!-- table:start -->", "<!-- table:end -->"
-    content = readme.read_text() if readme.exists() else ""
-    if start in content and end in content:
-        before, rest = content.split(start, 1)
-        readme.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    replace_block(HERE / "README.md", "table", text)
     print(text)
 
 

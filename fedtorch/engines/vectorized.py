@@ -102,6 +102,8 @@ class VectorizedEngine:
         if self._checked:
             return
         check_vectorizable(trainer.model)
+        if getattr(trainer, "per_sample_clipping", False):
+            raise ConfigError("engine", "client=dpsgd needs engine=sequential")
         if trainer.local_keys:
             raise ConfigError(
                 "engine",

@@ -67,6 +67,9 @@ class NoPrivacy:
     enabled = False
     sampling = "fixed"
 
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
     def bind(self, num_clients: int, clients_per_round: int, rounds: int) -> None:
         pass
 

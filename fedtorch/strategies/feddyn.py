@@ -46,10 +46,7 @@ class FedDyn(FedAvg):
         self.num_clients = context.num_clients
         self.mask = context.param_mask.float()
         self.h = torch.zeros(context.size)
-        path = context.run_dir / "client_state" / "feddyn_grad.bin" if context.run_dir else None
-        self.store = ClientStateStore(
-            context.num_clients, context.size, self.client_state, path, "strategy.client_state"
-        )
+        self.store = ClientStateStore.for_run(context, self.client_state, "feddyn_grad")
 
     def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
         return [

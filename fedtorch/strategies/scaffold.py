@@ -84,10 +84,7 @@ class Scaffold(FedAvg):
         self.num_clients = context.num_clients
         self.mask = context.param_mask.float()
         self.c = torch.zeros(context.size)
-        path = context.run_dir / "client_state" / "scaffold_ci.bin" if context.run_dir else None
-        self.store = ClientStateStore(
-            context.num_clients, context.size, self.client_state, path, "strategy.client_state"
-        )
+        self.store = ClientStateStore.for_run(context, self.client_state, "scaffold_ci")
 
     def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
         field = "step_correction" if self.correction == "step" else "correction"

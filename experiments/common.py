@@ -1,0 +1,44 @@
+"""Helpers shared by the experiment scripts: run one fedtorch job into a folder, read its
+results back, and replace a marked block of a README with a fresh table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_fedtorch(overrides: list[str], out: Path, threads: int = 1) -> None:
+    """``python -m fedtorch.train OVERRIDES`` writing into ``out`` (files only, no bar)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtorch.train",
+        *overrides,
+        "logger=quiet",
+        f"torch_threads={threads}",
+        f"hydra.run.dir={out}",
+    ]
+    print(" ".join(cmd[2:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def load_run(folder: Path) -> tuple[dict, list[dict]] | None:
+    """(summary, metric rows) of a finished run, or None if it has no summary yet."""
+    if not (folder / "summary.json").exists():
+        return None
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((folder / "summary.json").read_text()), rows
+
+
+def replace_block(readme: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``readme``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = readme.read_text() if readme.exists() else ""
+    if start in content and end in content:
+        before, rest = content.split(start, 1)
+        readme.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
