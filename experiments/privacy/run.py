@@ -77,6 +77,7 @@ def plot() -> None:
     if baseline:
         left.axhline(100 * baseline[0]["final_accuracy"], ls="--", c="gray", label="no DP")
     left.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="final test accuracy (%)")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.set_title("accuracy vs privacy (30 rounds)")
     for noise in NOISE:
         loaded = load_run(RUNS / f"{noise}-plain")
