@@ -30,6 +30,26 @@ def delta_buffer(current: torch.Tensor | None, rows: int, like: torch.Tensor) ->
     )
 
 
+def reject_nonfinite(
+    clients: list[ClientResult], deltas: torch.Tensor, failures: list[ClientFailure]
+) -> RoundResults:
+    """Drop the clients whose delta row (row i = ``clients[i]``) has NaN or Inf.
+
+    One check for the whole round, so the device is synchronised once, not per client.
+    """
+    finite = torch.isfinite(deltas).all(dim=1).tolist() if clients else []
+    if all(finite):
+        return RoundResults(clients, deltas, failures)
+    failures = failures + [
+        ClientFailure(c.client_id, "update has NaN or Inf values")
+        for c, ok in zip(clients, finite)
+        if not ok
+    ]
+    keep = [i for i, ok in enumerate(finite) if ok]
+    rows = torch.tensor(keep, dtype=torch.long, device=deltas.device)
+    return RoundResults([clients[i] for i in keep], deltas.index_select(0, rows), failures)
+
+
 class SequentialEngine:
     """Run each sampled client's local training in turn.
 
@@ -72,8 +92,5 @@ class SequentialEngine:
             except Exception as exc:  # a client's crash must not end the round
                 failures.append(ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}"))
                 continue
-            if not bool(torch.isfinite(row).all()):
-                failures.append(ClientFailure(task.client_id, "update has NaN or Inf values"))
-                continue
             clients.append(result)
-        return RoundResults(clients, self._deltas[: len(clients)], failures)
+        return reject_nonfinite(clients, self._deltas[: len(clients)], failures)

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fedtorch import seeding
 from fedtorch.client import ClientTrainer
-from fedtorch.engines.sequential import delta_buffer
+from fedtorch.engines.sequential import delta_buffer, reject_nonfinite
 from fedtorch.errors import ConfigError, FedtorchError
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, RoundResults
 
@@ -173,21 +173,11 @@ class VectorizedEngine:
                 continue
             for result in trained:
                 results[result.client_id] = result
-        finite = torch.isfinite(deltas).all(dim=1).tolist()
-        kept = []
-        for i, t in enumerate(tasks):
-            if t.client_id not in results:
-                continue
-            if not finite[i]:
-                failures.append(ClientFailure(t.client_id, "update has NaN or Inf values"))
-                continue
-            kept.append(i)
-        if len(kept) == len(tasks):
-            return RoundResults([results[t.client_id] for t in tasks], deltas)
-        rows = torch.tensor(kept, dtype=torch.long, device=deltas.device)
-        return RoundResults(
-            [results[tasks[i].client_id] for i in kept], deltas.index_select(0, rows), failures
-        )
+        trained = [i for i, t in enumerate(tasks) if t.client_id in results]
+        if len(trained) < len(tasks):  # a cohort failed: keep the rows of the others
+            deltas = deltas.index_select(0, torch.tensor(trained, device=deltas.device))
+        clients = [results[tasks[i].client_id] for i in trained]
+        return reject_nonfinite(clients, deltas, failures)
 
     def _train_cohort(
         self,
