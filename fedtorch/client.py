@@ -126,6 +126,17 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def loss_at_current_weights(self, indices: torch.Tensor, batch_size: int = 2048) -> float:
+        """Mean cross-entropy of the model as loaded on the client's data (eval mode)."""
+        model, total = self.model, torch.zeros((), device=self.device)
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start : start + batch_size].to(self.device)
+                logits = model(self.train_x[batch])
+                total += F.cross_entropy(logits, self.train_y[batch], reduction="sum")
+        return float(total) / max(len(indices), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for a batch (DP-SGD wraps the model to get per-sample grads)."""
         return self.model(x)
@@ -182,6 +193,7 @@ class ClientTrainer:
         model.load_state_dict(global_state)
         if client_id in self.local_state:
             model.load_state_dict(self.local_state[client_id], strict=False)
+        before = self.loss_at_current_weights(indices) if task.initial_loss else None
         model.train()
         seeding.seed_torch(
             seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id),
@@ -236,6 +248,8 @@ class ClientTrainer:
         }
         if self.train_accuracy:
             metrics["train_accuracy"] = float(torch.stack(hits).sum()) / seen
+        if before is not None:
+            metrics["initial_loss"] = before
         return ClientResult(
             client_id=client_id,
             num_samples=len(indices),

@@ -122,8 +122,13 @@ class Orchestrator:
     than ``min_clients`` clients report (failures and drop-outs), the run stops with a
     message; ``min_clients=0`` lets such a round leave the model unchanged.
 
+    With privacy or secure aggregation on, the updates are clipped, noised and/or summed
+    under masks first and the strategy steps on the released mean (see
+    :mod:`fedtorch.privacy`); the privacy budget can end the run early.
+
     Outputs in ``run_dir``: ``metrics.csv``, ``metrics.jsonl``, ``metrics.png`` (via the
-    logger), ``model.pt`` (final global ``state_dict``) and ``summary.json``.
+    logger), ``checkpoints/`` (see :meth:`_save_checkpoint`), ``model.pt`` (final global
+    ``state_dict``) and ``summary.json``.
     """
 
     def __init__(

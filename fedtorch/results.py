@@ -27,6 +27,8 @@ class ClientTask:
         prox_mu: proximal weight added to ``client.prox_mu`` for this client (FedDyn's
             alpha): the gradient gets ``prox_mu * (w - w_global)``.
         flip_labels: train on flipped labels ``C - 1 - y`` (a label-flipping attacker).
+        initial_loss: also report the loss of the global model on the client's data
+            before training (``metrics["initial_loss"]``; q-FedAvg needs F_k(w_t)).
     """
 
     client_id: int
@@ -35,6 +37,7 @@ class ClientTask:
     step_correction: torch.Tensor | None = None
     prox_mu: float = 0.0
     flip_labels: bool = False
+    initial_loss: bool = False
 
 
 @dataclass

@@ -208,3 +208,37 @@ def test_disk_client_state_in_a_run_matches_memory(tmp_path):
         runs[storage] = orch.global_vector
     assert torch.equal(runs["memory"], runs["disk"])
     assert (tmp_path / "disk" / "client_state" / "scaffold_ci.bin").exists()
+
+
+def test_qfedavg_round_by_hand():
+    from fedtorch.strategies import QFedAvg
+
+    x = torch.tensor([1.0, 1.0])
+    r = results([0, 1], [[0.1, 0.0], [0.0, -0.2]], [5, 5], [1, 1])
+    r.clients[0].metrics["initial_loss"] = 2.0
+    r.clients[1].metrics["initial_loss"] = 0.5
+    s = QFedAvg(q=1.0)
+    s.bind(context())  # lr 0.1 -> L = 10
+    assert all(t.initial_loss for t in s.configure([0, 1], 1))
+    # Delta w = -L delta = [[-1, 0], [0, 2]]; Delta_k = F_k Delta w_k = [[-2, 0], [0, 1]]
+    # h_k = q ||Delta w_k||^2 + L F_k = [1 + 20, 4 + 5] = [21, 9]
+    # x <- x - ([-2, 1]) / 30
+    assert torch.allclose(s.aggregate(x, r, 1), torch.tensor([1 + 2 / 30, 1 - 1 / 30]))
+    uniform = QFedAvg(q=0.0)
+    uniform.bind(context())
+    assert torch.allclose(uniform.aggregate(x, r, 1), x + torch.tensor([0.05, -0.1]))
+
+
+def test_initial_loss_is_the_global_models_loss_on_the_client():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    layout = StateLayout(model.state_dict())
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    trainer = ClientTrainer(model, layout, x, y, torch.optim.SGD, steps=2, batch_size=4)
+    w_t = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = torch.nn.functional.cross_entropy(x @ w_t["weight"].T + w_t["bias"], y).item()
+    vector = layout.flatten(w_t)
+    result = trainer.train(
+        ClientTask(0, initial_loss=True), torch.arange(10), w_t, vector, 1, torch.empty_like(vector)
+    )
+    assert result.metrics["initial_loss"] == pytest.approx(expected, rel=1e-5)

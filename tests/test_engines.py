@@ -41,6 +41,7 @@ def final_vector(tmp_path, engine, extra=()):
         # per-client local steps (FedNova's case), drop-outs, label-flipping clients
         [*SGD_MOMENTUM, "strategy=fednova", "system.work=uniform_steps", "system.high=9"],
         ["attack=label_flip", "attack.fraction=0.4", "system.dropout=0.3"],
+        ["strategy=qfedavg", "strategy.q=2.0"],  # initial losses from both engines
     ],
 )
 def test_vectorized_matches_sequential(tmp_path, extra):

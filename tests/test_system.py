@@ -113,11 +113,14 @@ def test_fedbn_keeps_every_batchnorm_key_local(tmp_path):
     assert len(orch.trainer.local_state) == 5  # each client kept its own BatchNorm
 
 
-@pytest.mark.parametrize("strategy", ["scaffold", "feddyn", "fednova", "median", "trimmed_mean"])
+@pytest.mark.parametrize(
+    "strategy", ["scaffold", "feddyn", "fednova", "median", "trimmed_mean", "qfedavg"]
+)
 def test_every_new_strategy_trains(tmp_path, strategy):
     cfg = compose_config([*FAST, f"strategy={strategy}", "rounds=3"])
     summary = build(cfg, tmp_path).run()
-    assert summary["final_accuracy"] > 0.5
+    # q-FedAvg's steps are shorter (h_k grows with q ||Delta w||^2): it learns more slowly.
+    assert summary["final_accuracy"] > (0.3 if strategy == "qfedavg" else 0.5)
 
 
 def test_scaffold_counts_its_control_variates_in_traffic(tmp_path):

@@ -257,6 +257,14 @@ class VectorizedEngine:
                 active = still
 
         loss_cpu, correct_cpu, seen_cpu = loss_sum.tolist(), correct.tolist(), seen.tolist()
+        initial = {}
+        if any(t.initial_loss for t in tasks):  # the global model's loss on each client
+            model.load_state_dict(global_state)
+            initial = {
+                t.client_id: trainer.loss_at_current_weights(shards[t.client_id])
+                for t in tasks
+                if t.initial_loss
+            }
         return [
             ClientResult(
                 client_id=c,
@@ -270,6 +278,7 @@ class VectorizedEngine:
                         else {}
                     ),
                     "steps": num_steps[row],
+                    **({"initial_loss": initial[c]} if c in initial else {}),
                 },
             )
             for row, c in enumerate(cohort)

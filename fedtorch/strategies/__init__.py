@@ -5,6 +5,7 @@ from fedtorch.strategies.fedavg import FedAvg
 from fedtorch.strategies.feddyn import FedDyn
 from fedtorch.strategies.fednova import FedNova
 from fedtorch.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from fedtorch.strategies.qfedavg import QFedAvg
 from fedtorch.strategies.robust import Bulyan, CoordinateMedian, Krum, TrimmedMean
 from fedtorch.strategies.scaffold import Scaffold
 
@@ -19,6 +20,7 @@ __all__ = [
     "FedNova",
     "FedYogi",
     "Krum",
+    "QFedAvg",
     "RunContext",
     "Scaffold",
     "Strategy",
