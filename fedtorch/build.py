@@ -20,10 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedtorch import checkpoint, seeding
+from fedtorch.checkpoint import CheckpointSettings
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.orchestrator import CheckpointSettings, Orchestrator, RunSettings
+from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
 from fedtorch.state import StateLayout, expand_key_rules
 from fedtorch.strategies.base import RunContext

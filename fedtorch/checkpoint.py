@@ -1,12 +1,20 @@
-"""Atomic file writes: a crash never leaves a half-written model or summary behind."""
+"""Atomic file writes, checkpoints and what exact resumption needs.
+
+A crash never leaves a half-written model, summary or checkpoint behind; checkpoints load
+with ``weights_only=True``; Ctrl-C is held back while the server state changes.
+"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +139,48 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
         for k in sorted(set(old) | set(new))
         if old.get(k, missing) != new.get(k, missing)
     ]
+
+
+@dataclass
+class CheckpointSettings:
+    """When to checkpoint and whether to resume (``checkpoint.*``, ``resume*`` keys).
+
+    Attributes:
+        every: write a checkpoint every N rounds and at the last one (0: never).
+        keep: how many recent checkpoints to keep.
+        config: the flattened resolved config, compared on resume.
+        resume: continue from the newest usable checkpoint in the run folder.
+        resume_from: a specific checkpoint file to continue from.
+        force: resume even if the config differs.
+    """
+
+    every: int = 0
+    keep: int = 2
+    config: dict[str, Any] = field(default_factory=dict)
+    resume: bool = False
+    resume_from: Path | None = None
+    force: bool = False
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run; ``path`` is the checkpoint that resumes it (or None)."""
+
+    def __init__(self, round_idx: int, path: Path | None) -> None:
+        super().__init__(f"interrupted after round {round_idx}")
+        self.round_idx, self.path = round_idx, path
+
+
+@contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold back SIGINT inside the block and raise KeyboardInterrupt after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ from torch import nn
 
 from fedtorch import checkpoint
 from fedtorch.attacks import Attack
+from fedtorch.checkpoint import CheckpointSettings, Interrupted, deferred_interrupt
 from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
 from fedtorch.errors import ConfigError, DataError, FedtorchError
@@ -24,6 +22,7 @@ from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_me
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
 from fedtorch.privacy.dp import DifferentialPrivacy, NoPrivacy
+from fedtorch.privacy.release import private_mean
 from fedtorch.privacy.secagg import SecureAggregation
 from fedtorch.results import ClientResult, RoundResults
 from fedtorch.sampling import sample_clients, sample_poisson
@@ -44,51 +43,6 @@ class Progress:
     bytes_up: int = 0
     bytes_down: int = 0
     elapsed_s: float = 0.0
-
-
-@dataclass
-class CheckpointSettings:
-    """When to checkpoint and whether to resume (``checkpoint.*``, ``resume*`` keys).
-
-    Attributes:
-        every: write a checkpoint every N rounds and at the last one (0: never).
-        keep: how many recent checkpoints to keep.
-        config: the flattened resolved config, compared on resume.
-        resume: continue from the newest usable checkpoint in the run folder.
-        resume_from: a specific checkpoint file to continue from.
-        force: resume even if the config differs.
-    """
-
-    every: int = 0
-    keep: int = 2
-    config: dict[str, Any] = field(default_factory=dict)
-    resume: bool = False
-    resume_from: Path | None = None
-    force: bool = False
-
-
-class Interrupted(Exception):
-    """Ctrl-C stopped the run; ``path`` is the checkpoint that resumes it (or None)."""
-
-    def __init__(self, round_idx: int, path: Path | None) -> None:
-        super().__init__(f"interrupted after round {round_idx}")
-        self.round_idx, self.path = round_idx, path
-
-
-@contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold back SIGINT inside the block and raise KeyboardInterrupt after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
 
 
 @dataclass
@@ -409,53 +363,15 @@ class Orchestrator:
             log.warning("%s; dropped from the round", message)
         return len(results.failures)
 
-    def _private_aggregate(
-        self, results: RoundResults, round_idx: int
-    ) -> tuple[RoundResults, dict[str, Any]]:
-        """Clip/noise (DP) and securely sum the updates; the strategy then sees one row.
-
-        Without DP the rows are pre-weighted (sample-weighted or uniform, as the strategy
-        asks) so the secure sum is already the average; with DP the private mean is
-        sum / (q N) (see :mod:`fedtorch.privacy.dp`).
-        """
-        ids = [c.client_id for c in results.clients]
-        rows, metrics, unclipped = results.deltas, {}, 0.0
-        if self.privacy.enabled:
-            reports = self.privacy.client_side(rows, ids, round_idx)
-            unclipped = float(reports.unclipped.sum())
-        else:
-            counts = results.sample_counts()
-            if not getattr(self.strategy, "weighted", True):
-                counts = torch.ones_like(counts)
-            rows.mul_((counts / counts.sum())[:, None])
-        if self.secure_agg.enabled:
-            messages, held, clipped = self.secure_agg.mask(rows, ids, round_idx)
-            delivered = self.secure_agg.survivors(ids, round_idx)
-            total = self.secure_agg.unmask_sum(
-                messages, ids, delivered, {h: held[h] for h in delivered}, round_idx
-            ).to(rows.device, rows.dtype)
-            if clipped:
-                log.warning(
-                    "round %d: secure aggregation clipped %d coordinates to +-%g "
-                    "(raise secure_aggregation.value_range)",
-                    round_idx,
-                    clipped,
-                    self.secure_agg.value_range,
-                )
-            metrics.update(secagg_dropped=len(ids) - len(delivered), secagg_clipped=clipped)
-        else:
-            total = rows.sum(dim=0)
-        mean = total
-        if self.privacy.enabled:
-            mean, released = self.privacy.release(total, unclipped, round_idx)
-            metrics.update(released)
-        return RoundResults([ClientResult(-1, 1)], mean[None, :]), metrics
-
     def _apply(self, results: RoundResults, round_idx: int) -> None:
         """Aggregate the clients' results into the global state."""
         counters_from = results
         if self.privacy.enabled or self.secure_agg.enabled:
-            results, metrics = self._private_aggregate(results, round_idx)
+            weighted = getattr(self.strategy, "weighted", True)
+            mean, metrics = private_mean(
+                results, self.privacy, self.secure_agg, weighted, round_idx
+            )
+            results = RoundResults([ClientResult(-1, 1)], mean[None, :])
             self._round_metrics.update(metrics)
         self.global_vector = self.strategy.aggregate(self.global_vector, results, round_idx)
         self.layout.unflatten_into(self.global_vector, self.global_state)

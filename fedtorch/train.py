@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fedtorch import checkpoint
 from fedtorch.build import build, resume_target
+from fedtorch.checkpoint import Interrupted
 from fedtorch.errors import FedtorchError
 from fedtorch.hydra_errors import precheck
-from fedtorch.orchestrator import Interrupted
 
 log = logging.getLogger("fedtorch")
 
