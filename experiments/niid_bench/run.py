@@ -54,11 +54,11 @@ ALGORITHMS = {
 }
 # Flower's NIID-Bench reproduction, Fashion-MNIST, best test accuracy (%).
 PUBLISHED = {
-    "iid": {"fedavg": 89.0, "scaffold": 89.5, "fedprox": 89.5, "fednova": 89.3},
-    "dir0.5": {"fedavg": 88.4, "scaffold": 88.4, "fedprox": 88.6, "fednova": 88.1},
-    "c1": {"fedavg": 10.0, "scaffold": 10.0, "fedprox": 38.0, "fednova": 11.1},
-    "c2": {"fedavg": 81.0, "scaffold": 10.0, "fedprox": 78.8, "fednova": 70.5},
-    "c3": {"fedavg": 83.2, "scaffold": 84.2, "fedprox": 82.5, "fednova": 83.2},
+    "iid": {"fedavg": 89.23, "scaffold": 89.33, "fedprox": 89.42, "fednova": 89.36},
+    "dir0.5": {"fedavg": 88.09, "scaffold": 88.44, "fedprox": 88.15, "fednova": 88.22},
+    "c1": {"fedavg": 28.39, "scaffold": 10.00, "fedprox": 32.65, "fednova": 16.86},
+    "c2": {"fedavg": 78.10, "scaffold": 33.80, "fedprox": 78.05, "fednova": 71.67},
+    "c3": {"fedavg": 82.43, "scaffold": 80.32, "fedprox": 82.99, "fednova": 81.97},
 }
 COLUMNS = ("fedavg", "fedprox", "scaffold", "fednova")
 
@@ -134,11 +134,11 @@ def table() -> str:
             acc, note = best(p, c)
             pub = PUBLISHED[p][c]
             if acc is None:
-                row.append(f"— / {pub:.1f}")
+                row.append(f"— / {pub:.2f}")
                 continue
             gap = acc - pub
             flag = f" (**{gap:+.1f}**)" if abs(gap) > 1.5 else ""
-            row.append(f"{acc:.1f} / {pub:.1f}{flag}" + (f" [{note}]" if note else ""))
+            row.append(f"{acc:.2f} / {pub:.2f}{flag}" + (f" [{note}]" if note else ""))
         lines.append("| " + " | ".join(row) + " |")
     done = sum(summary(p, a) is not None for p, a in cells())
     lines.append("")
