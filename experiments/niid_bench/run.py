@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import replace_block, run_fedtorch  # noqa: E402
+
 RUNS = HERE / "results" / "runs"
-REPO = HERE.parents[1]
 
 PARTITIONS = {
     "iid": ["partition=iid"],
@@ -86,21 +86,9 @@ def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> 
         if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("round_*.pt"))
         else []
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "fedtorch.train",
-        "+experiment=fmnist_dirichlet",
-        *PARTITIONS[partition],
-        *ALGORITHMS[algorithm],
-        "logger=quiet",
-        f"torch_threads={threads}",
-        f"hydra.run.dir={out}",
-        *resume,
-        *extra,
-    ]
-    print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}: {' '.join(cmd[2:])}", flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}", flush=True)
+    overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *ALGORITHMS[algorithm]]
+    run_fedtorch([*overrides, *resume, *extra], out, threads)
     result = summary(partition, algorithm)
     print(
         f"  best {100 * result['best_accuracy']:.2f}% (round {result['best_round']}), "
@@ -150,14 +138,7 @@ def write_table() -> None:
     text = table()
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "table.md").write_text(text + "\n")
-    readme = HERE / "README.md"
-    if readme.exists():
-        content = readme.read_text()
-        start, end = "<!-- table:start -->", "<!-- table:end -->"
-        if start in content and end in content:
-            before, rest = content.split(start, 1)
-            after = rest.split(end, 1)[1]
-            readme.write_text(f"{before}{start}\n{text}\n{end}{after}")
+    replace_block(HERE / "README.md", "table", text)
     print(text)
 
 
