@@ -11,7 +11,10 @@ from hydra.utils import get_object
 from tests.conftest import REPO, compose_config
 
 CONFIGS = REPO / "configs"
-GROUPS = ("model", "dataset", "partition", "strategy", "client", "engine", "logger", "experiment")
+GROUPS = (
+    *("model", "dataset", "partition", "strategy", "client", "engine", "attack", "privacy"),
+    *("logger", "experiment"),
+)
 
 
 def options(group: str) -> list[str]:
@@ -32,6 +35,22 @@ def test_every_group_option_composes(group, name):
     node = cfg.data if group == "dataset" else cfg[group]
     assert "_target_" in node
     get_object(node._target_)
+
+
+def test_readme_lists_every_option_of_every_group():
+    """The README's "Groups and options" table names each option file in configs/."""
+    rows = {
+        line.split("`")[1]: line
+        for line in (REPO / "README.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
+    missing = [
+        f"{group}={name}"
+        for group in (*GROUPS, "paths", "hydra")
+        for name in options(group)
+        if f"`{name}`" not in rows.get(group, "")
+    ]
+    assert not missing, f"README's groups table lacks: {missing}"
 
 
 def test_presets_match_their_papers():
