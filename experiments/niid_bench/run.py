@@ -7,11 +7,13 @@ simple CNN; partitions IID, Dir(0.5), #C=1, #C=2, #C=3; FedAvg, FedProx (mu tune
 comes from the ``fmnist_dirichlet`` preset.
 
 Resumable run by run: a cell whose ``summary.json`` exists is skipped, so the grid can be
-run in parts (``--only``); an interrupted cell continues from its last checkpoint (every
-5 rounds) with ``resume=true``. Every finished cell rewrites ``results/table.md`` and the
-table in README.md.
+run in parts (``--only``); a cell that another live invocation is running (its
+``.running`` file names the pid) is skipped too, so invocations can share the grid; an
+interrupted cell continues from its last checkpoint (every 5 rounds) with ``resume=true``.
+Every finished cell rewrites ``results/table.md`` and the table in README.md.
 
     python experiments/niid_bench/run.py                  # everything still missing
+    python experiments/niid_bench/run.py --jobs 2         # two cells at a time (2 cores)
     python experiments/niid_bench/run.py --only dir0.5    # cells whose name contains it
     python experiments/niid_bench/run.py --list           # cells and their state
     python experiments/niid_bench/run.py --table          # only rebuild the table
@@ -21,8 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -77,6 +82,27 @@ def cells() -> list[tuple[str, str]]:
 def summary(partition: str, algorithm: str) -> dict | None:
     path = RUNS / partition / algorithm / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def claimed_by(partition: str, algorithm: str) -> int | None:
+    """The pid of a live process running this cell, if any (its ``.running`` file)."""
+    marker = RUNS / partition / algorithm / ".running"
+    try:
+        pid = int(marker.read_text())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def claim(partition: str, algorithm: str) -> bool:
+    """Mark the cell as ours unless a live process runs it (a stale mark is taken over)."""
+    out = RUNS / partition / algorithm
+    out.mkdir(parents=True, exist_ok=True)
+    if claimed_by(partition, algorithm) is not None:
+        return False
+    (out / ".running").write_text(str(os.getpid()))
+    return True
 
 
 def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> None:
@@ -146,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", default=[], help="cells whose name contains one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (one per core)")
     parser.add_argument("--list", action="store_true", help="list the cells and stop")
     parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
     parser.add_argument("overrides", nargs="*", help="extra fedtorch overrides for every run")
@@ -153,16 +180,36 @@ def main() -> None:
     todo = [(p, a) for p, a in cells() if not args.only or any(o in f"{p}/{a}" for o in args.only)]
     if args.list:
         for p, a in todo:
-            s = summary(p, a)
+            s, pid = summary(p, a), claimed_by(p, a)
             state = f"{100 * s['best_accuracy']:.2f}%" if s else "missing"
-            print(f"{p}/{a}: {state}")
+            print(f"{p}/{a}: {state}" + (f" (running, pid {pid})" if pid and not s else ""))
         return
     if not args.table:
-        for p, a in todo:
-            if summary(p, a) is None:
-                run_cell(p, a, args.threads, args.overrides)
-                write_table()
+        run_grid(todo, args.jobs, args.threads, args.overrides)
     write_table()
+
+
+def run_grid(todo: list[tuple[str, str]], jobs: int, threads: int, extra: list[str]) -> None:
+    """Run the missing cells of ``todo`` in order, ``jobs`` at a time. A cell another
+    invocation is running is skipped, so several invocations can share the grid."""
+    queue, lock = iter(todo), threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                cell = next((c for c in queue if summary(*c) is None and claim(*c)), None)
+            if cell is None:
+                return
+            try:
+                run_cell(*cell, threads, extra)
+            finally:
+                (RUNS / cell[0] / cell[1] / ".running").unlink(missing_ok=True)
+            with lock:
+                write_table()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(worker) for _ in range(jobs)]:
+            future.result()
 
 
 if __name__ == "__main__":
