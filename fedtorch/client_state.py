@@ -49,6 +49,7 @@ class ClientStateStore:
         self.num_clients, self.size, self.storage = num_clients, size, storage
         self._rows: dict[int, torch.Tensor] = {}
         self._table: torch.Tensor | None = None
+        self._written: set[int] = set()  # disk: rows holding state, so nothing scans the file
         if storage == "disk":
             if path is None:
                 raise ConfigError(key, "disk storage needs a run folder")
@@ -81,20 +82,21 @@ class ClientStateStore:
         value = value.detach().to("cpu", torch.float32)
         if self._table is not None:
             self._table[client_id].copy_(value)
+            self._written.add(client_id)
         else:
             self._rows[client_id] = value.clone()
 
     def state_dict(self) -> dict[int, torch.Tensor]:
         """The rows written so far (for checkpoints)."""
         if self._table is not None:
-            written = self._table.abs().sum(dim=1).nonzero().flatten().tolist()
-            return {int(c): self._table[c].clone() for c in written}
+            return {c: self._table[c].clone() for c in sorted(self._written)}
         return {c: r.clone() for c, r in self._rows.items()}
 
     def load_state_dict(self, rows: dict[int, torch.Tensor]) -> None:
         """Make the store hold exactly ``rows`` (rows written since are reset to zero)."""
-        if self._table is not None:
-            self._table.zero_()
+        for c in self._written:  # only these rows can be non-zero: the file stays sparse
+            self._table[c].zero_()
+        self._written.clear()
         self._rows.clear()
         for c, r in rows.items():
             self.set(int(c), r)

@@ -191,6 +191,11 @@ def test_client_state_store_on_disk(tmp_path):
     assert (tmp_path / "c.bin").stat().st_size == 1000 * 50_000 * 4
     assert (tmp_path / "c.bin").stat().st_blocks * 512 < 10 * 2**20
     assert list(store.state_dict()) == [7]
+    store.load_state_dict({2: torch.ones(50_000)})  # a resume: exactly these rows
+    assert list(store.state_dict()) == [2]
+    assert torch.equal(store.get(7), torch.zeros(50_000))
+    assert torch.equal(store.get(2), torch.ones(50_000))
+    assert (tmp_path / "c.bin").stat().st_blocks * 512 < 10 * 2**20  # still sparse
     memory = ClientStateStore(1000, 4)
     memory.load_state_dict({3: torch.ones(4)})
     assert torch.equal(memory.get(3), torch.ones(4)) and memory.state_dict().keys() == {3}
