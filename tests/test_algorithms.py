@@ -247,3 +247,32 @@ def test_initial_loss_is_the_global_models_loss_on_the_client():
         ClientTask(0, initial_loss=True), torch.arange(10), w_t, vector, 1, torch.empty_like(vector)
     )
     assert result.metrics["initial_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_qfedavg_stays_finite_for_zero_losses_and_large_q():
+    from fedtorch.strategies.qfedavg import LOSS_FLOOR, qfedavg_step
+
+    x = torch.tensor([1.0, 1.0])
+    deltas = torch.tensor([[0.1, 0.0], [0.0, -0.2]])
+    # A client the model already fits exactly: F = 0 is floored, so with q = 0 the step is
+    # still uniform FedAvg (the 0 * F^(q-1) term must not become 0 * inf = NaN).
+    zero = torch.tensor([0.0, 0.5])
+    assert torch.allclose(qfedavg_step(x, deltas, zero, 0.0, 10.0), x + deltas.mean(0))
+    # q = 0.5: by hand with F_0 = LOSS_FLOOR (Delta w = [[-1, 0], [0, 2]], L = 10).
+    f = torch.tensor([LOSS_FLOOR, 0.5], dtype=torch.float64)
+    dw = torch.tensor([[-1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    num = (f.sqrt()[:, None] * dw).sum(0)
+    h = (0.5 * f.pow(-0.5) * dw.pow(2).sum(1) + 10 * f.sqrt()).sum()
+    step = qfedavg_step(x, deltas, zero, 0.5, 10.0)
+    assert torch.isfinite(step).all()
+    assert torch.allclose(step, x - (num / h).float())
+    # q = 40 with small losses: F^q underflows float32 (1e-80); the step must not be 0 / 0.
+    small = torch.tensor([0.01, 0.02])
+    step = qfedavg_step(x, deltas, small, 40.0, 10.0)
+    f = small.double()
+    num = (f.pow(40)[:, None] * dw).sum(0)
+    h = (40 * f.pow(39) * dw.pow(2).sum(1) + 10 * f.pow(40)).sum()
+    assert torch.isfinite(step).all()
+    assert torch.allclose(step, x - (num / h).float())
+    # Every loss zero: the floor makes the curvature term dominate and the step vanish.
+    assert torch.allclose(qfedavg_step(x, deltas, torch.zeros(2), 1.0, 10.0), x, atol=1e-9)

@@ -9,6 +9,11 @@ the global model's loss on client k before training and delta_k = w_k - w_t:
     Delta_k   = F_k^q Delta w_k
     h_k       = q F_k^(q-1) ||Delta w_k||^2 + L F_k^q
     w_(t+1)   = w_t - sum_k Delta_k / sum_k h_k
+
+Numerics: F_k is floored at LOSS_FLOOR (a client the global model already fits exactly
+would otherwise give 0^(q-1) = inf, and 0 * inf = NaN for q = 0), and numerator and
+denominator are both divided by max_k F_k^q in float64, which leaves the step unchanged
+but keeps F_k^q from underflowing to 0 / 0 for large q.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from fedtorch.results import ClientTask, RoundResults
 from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.checks import check_number
 
+LOSS_FLOOR = 1e-12
+
 
 def qfedavg_step(
     global_vector: torch.Tensor,
@@ -31,11 +38,15 @@ def qfedavg_step(
     lipschitz: float,
 ) -> torch.Tensor:
     """One q-FedAvg server update from the deltas [K, P] and initial losses [K]."""
-    grads = -lipschitz * deltas  # Delta w_k
-    weight = losses.pow(q)  # F_k^q
+    grads = -lipschitz * deltas.double()  # Delta w_k
+    loss = losses.double().clamp_min(LOSS_FLOOR)
+    top = loss.max()
+    ratio = loss / top
+    weight = ratio.pow(q)  # F_k^q / top^q
     numerator = (weight[:, None] * grads).sum(dim=0)
-    h = q * losses.pow(q - 1) * grads.pow(2).sum(dim=1) + lipschitz * weight
-    return global_vector - numerator / h.sum()
+    # q F_k^(q-1) / top^q = q (F_k / top)^(q-1) / top
+    h = q * ratio.pow(q - 1) / top * grads.pow(2).sum(dim=1) + lipschitz * weight
+    return global_vector - (numerator / h.sum()).to(global_vector.dtype)
 
 
 class QFedAvg(Strategy):
