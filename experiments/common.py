@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_fedtorch(overrides: list[str], out: Path, threads: int = 1) -> None:
-    """``python -m fedtorch.train OVERRIDES`` writing into ``out`` (files only, no bar)."""
+def run_fedtorch(
+    overrides: list[str], out: Path, threads: int = 1, deadline: float | None = None
+) -> bool:
+    """``python -m fedtorch.train OVERRIDES`` writing into ``out`` (files only, no bar).
+
+    With ``deadline`` (a ``time.time()`` value) a run still going then gets SIGINT, as from
+    Ctrl-C: it checkpoints its last finished round and exits, to be resumed later. Returns
+    True if the run finished, False if it was stopped at the deadline.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -24,7 +33,18 @@ def run_fedtorch(overrides: list[str], out: Path, threads: int = 1) -> None:
         f"hydra.run.dir={out}",
     ]
     print(" ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen(cmd, cwd=REPO, env=env) as process:
+        try:
+            code = process.wait(None if deadline is None else max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            code = process.wait()
+            if code == 130:
+                return False
+    if code != 0:
+        raise subprocess.CalledProcessError(code, cmd)
+    return True
 
 
 def load_run(folder: Path) -> tuple[dict, list[dict]] | None:

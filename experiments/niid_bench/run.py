@@ -17,6 +17,12 @@ Every finished cell rewrites ``results/table.md`` and the table in README.md.
     python experiments/niid_bench/run.py --only dir0.5    # cells whose name contains it
     python experiments/niid_bench/run.py --list           # cells and their state
     python experiments/niid_bench/run.py --table          # only rebuild the table
+    python experiments/niid_bench/run.py --jobs 2 --stop-at 20:15
+
+``--stop-at HH:MM`` (local time) starts no cell after that time and interrupts the running
+ones then, as Ctrl-C would: each checkpoints its last finished round. Checkpoints are
+git-ignored; to carry a stopped cell to another machine, commit its newest checkpoint with
+``git add -f`` (the script prints the paths).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import replace_block, run_fedtorch  # noqa: E402
+from common import REPO, replace_block, run_fedtorch  # noqa: E402
 
 RUNS = HERE / "results" / "runs"
 
@@ -105,7 +111,9 @@ def claim(partition: str, algorithm: str) -> bool:
     return True
 
 
-def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> None:
+def run_cell(
+    partition: str, algorithm: str, threads: int, extra: list[str], deadline: float | None
+) -> None:
     out = RUNS / partition / algorithm
     resume = (
         ["resume=true"]
@@ -114,7 +122,10 @@ def run_cell(partition: str, algorithm: str, threads: int, extra: list[str]) -> 
     )
     print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}", flush=True)
     overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *ALGORITHMS[algorithm]]
-    run_fedtorch([*overrides, *resume, *extra], out, threads)
+    if not run_fedtorch([*overrides, *resume, *extra], out, threads, deadline):
+        newest = max((out / "checkpoints").glob("round_*.pt"))
+        print(f"  stopped at --stop-at; newest checkpoint {newest.relative_to(REPO)}", flush=True)
+        return
     result = summary(partition, algorithm)
     print(
         f"  best {100 * result['best_accuracy']:.2f}% (round {result['best_round']}), "
@@ -173,6 +184,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="cells whose name contains one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (one per core)")
+    parser.add_argument(
+        "--stop-at", metavar="HH:MM", help="start no cell after this time; interrupt the running"
+    )
     parser.add_argument("--list", action="store_true", help="list the cells and stop")
     parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
     parser.add_argument("overrides", nargs="*", help="extra fedtorch overrides for every run")
@@ -185,23 +199,42 @@ def main() -> None:
             print(f"{p}/{a}: {state}" + (f" (running, pid {pid})" if pid and not s else ""))
         return
     if not args.table:
-        run_grid(todo, args.jobs, args.threads, args.overrides)
+        deadline = stop_time(args.stop_at) if args.stop_at else None
+        run_grid(todo, args.jobs, args.threads, args.overrides, deadline)
     write_table()
 
 
-def run_grid(todo: list[tuple[str, str]], jobs: int, threads: int, extra: list[str]) -> None:
-    """Run the missing cells of ``todo`` in order, ``jobs`` at a time. A cell another
-    invocation is running is skipped, so several invocations can share the grid."""
+def stop_time(hh_mm: str) -> float:
+    """The next time.time() at local HH:MM (today, or tomorrow if that has passed)."""
+    try:
+        hour, minute = (int(x) for x in hh_mm.split(":"))
+        now = time.localtime()
+        target = time.mktime((*now[:3], hour, minute, 0, 0, 0, -1))
+    except (ValueError, OverflowError):
+        raise SystemExit(f"error: --stop-at: {hh_mm!r} is not a time HH:MM") from None
+    return target if target > time.time() else target + 86400
+
+
+def run_grid(
+    todo: list[tuple[str, str]],
+    jobs: int,
+    threads: int,
+    extra: list[str],
+    deadline: float | None = None,
+) -> None:
+    """Run the missing cells of ``todo`` in order, ``jobs`` at a time, starting none after
+    ``deadline``. A cell another invocation is running is skipped, so several invocations
+    can share the grid."""
     queue, lock = iter(todo), threading.Lock()
 
     def worker() -> None:
-        while True:
+        while deadline is None or time.time() < deadline:
             with lock:
                 cell = next((c for c in queue if summary(*c) is None and claim(*c)), None)
             if cell is None:
                 return
             try:
-                run_cell(*cell, threads, extra)
+                run_cell(*cell, threads, extra, deadline)
             finally:
                 (RUNS / cell[0] / cell[1] / ".running").unlink(missing_ok=True)
             with lock:
