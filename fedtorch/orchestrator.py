@@ -373,7 +373,15 @@ class Orchestrator:
             )
             results = RoundResults([ClientResult(-1, 1)], mean[None, :])
             self._round_metrics.update(metrics)
-        self.global_vector = self.strategy.aggregate(self.global_vector, results, round_idx)
+        aggregated = self.strategy.aggregate(self.global_vector, results, round_idx)
+        if not bool(torch.isfinite(aggregated).all()):
+            raise FedtorchError(
+                f"round {round_idx}: the {type(self.strategy).__name__} server step gave "
+                "non-finite weights (NaN or Inf) from finite client updates; the run stops "
+                f"with the model of round {round_idx - 1} (check the strategy's options, "
+                "e.g. strategy.server_lr)"
+            )
+        self.global_vector = aggregated
         self.layout.unflatten_into(self.global_vector, self.global_state)
         counter_keys = self.layout.keys("max")
         if counter_keys and counters_from.clients:

@@ -110,3 +110,14 @@ def test_raise_policy_and_min_clients_stop_with_a_message(tmp_path):
     cfg = faulty_config({c: "raise" for c in range(5)}, ["min_clients=3"])
     with pytest.raises(FedtorchError, match="round 1: only 2 of 7 .*5 failed.*min_clients=3"):
         build(cfg, tmp_path / "b").run()
+
+
+def test_a_non_finite_server_step_stops_the_run_with_the_last_good_model(tmp_path):
+    """Clients were finite but the server step overflowed (FedAdam with server_lr 1e39):
+    the run stops with a message naming the round, and the global model is not replaced."""
+    cfg = compose_config([*FAST, "rounds=2", "strategy=fedadam", "strategy.server_lr=1e39"])
+    orch = build(cfg, tmp_path)
+    before = orch.global_vector.clone()
+    with pytest.raises(FedtorchError, match="round 1: the FedAdam server step gave non-finite"):
+        orch.run()
+    assert torch.equal(orch.global_vector, before)
