@@ -21,6 +21,7 @@ from torch import nn
 
 from fedtorch import checkpoint, seeding
 from fedtorch.checkpoint import CheckpointSettings
+from fedtorch.client import ClientTrainer
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
@@ -150,6 +151,47 @@ def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
     return [s.to(data.train_y.device) for s in shards]
 
 
+def _set_memory_format(
+    name: str, model: nn.Module, trainer: ClientTrainer, probe: torch.Tensor, device: torch.device
+) -> None:
+    """Store the model's 4-D (conv) weights channels_last when ``memory_format`` asks.
+
+    ``auto`` does so on the CPU, where oneDNN convolutions then skip a layout conversion
+    each call (the NIID-Bench simple CNN trains about 1.5x faster a step), unless the
+    trainer cannot (DP-SGD) or the model's forward cannot (``.view`` on a conv output):
+    then it keeps the default layout and says why. On CUDA ``auto`` keeps the default.
+    Only float rounding differs between the layouts.
+    """
+    has_conv = any(p.dim() == 4 for p in model.parameters())
+    if name == "contiguous" or not has_conv or (name == "auto" and device.type != "cpu"):
+        return
+    if not getattr(trainer, "supports_channels_last", True):
+        if name == "channels_last":
+            raise ConfigError(
+                "memory_format",
+                f"channels_last is not supported by {type(trainer).__name__} (Opacus's "
+                "per-sample conv gradients need contiguous weights); use auto or contiguous",
+            )
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(probe)
+    except RuntimeError as exc:
+        model.to(memory_format=torch.contiguous_format)
+        reason = str(exc).strip().splitlines()[0][:160]
+        if name == "channels_last":
+            raise ConfigError(
+                "memory_format", f"the model's forward fails with channels_last weights: {reason}"
+            ) from exc
+        log.info(
+            "memory_format=auto: keeping contiguous weights, the model's forward "
+            "fails with channels_last (%s)",
+            reason,
+        )
+
+
 def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.Module:
     provided = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
     kwargs = {
@@ -275,6 +317,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         train_y=data.train_y,
         seed=cfg.seed,
     )
+    _set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)

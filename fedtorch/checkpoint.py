@@ -61,7 +61,8 @@ def write_json(path: Path, obj: Any) -> None:
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
 # Config keys that may change between a run and its resumption: where files live, how
-# much is logged, how many rounds in total, how checkpoints are kept.
+# much is logged, how many rounds in total, how checkpoints are kept, and performance
+# knobs (a different memory_format changes results only by float rounding).
 RESUME_IGNORED = (
     "resume",
     "resume_force",
@@ -71,6 +72,7 @@ RESUME_IGNORED = (
     "paths",
     "verbose",
     "torch_threads",
+    "memory_format",
     "data.root",
     "data.search_paths",
     "data.download",

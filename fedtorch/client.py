@@ -48,6 +48,9 @@ class ClientTrainer:
         ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range.
     """
 
+    # Whether local training is correct with channels_last conv weights (memory_format).
+    supports_channels_last = True
+
     def __init__(
         self,
         model: nn.Module,

@@ -124,7 +124,12 @@ class Orchestrator:
         self.shard_sizes = [len(s) for s in self.shards]
         self.extra_summary = extra_summary or {}
         self.owner = self._owner_map() if settings.eval_clients else None
-        self.global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Contiguous whatever the model's layout (memory_format), so model.pt, checkpoints
+        # and the vectorized engine's stacked copies are plain row-major tensors.
+        self.global_state = {
+            k: v.detach().clone(memory_format=torch.contiguous_format)
+            for k, v in model.state_dict().items()
+        }
         self.global_vector = layout.flatten(self.global_state)
         vector_bytes = layout.size * 4
         extra_down, extra_up = strategy.extra_vectors

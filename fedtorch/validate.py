@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig
 from fedtorch.errors import ConfigError
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 GROUPS = (
     "model",
     "data",
@@ -73,6 +74,12 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "eval_every", 1)
     _int(cfg, "eval_batch_size", 1)
     _int(cfg, "torch_threads", 1, allow_none=True)
+    if cfg.get("memory_format") not in MEMORY_FORMATS:
+        raise ConfigError(
+            "memory_format",
+            f"must be {', '.join(MEMORY_FORMATS[:-1])} or {MEMORY_FORMATS[-1]}, "
+            f"got {cfg.get('memory_format')!r}",
+        )
     _bool(cfg, "eval_clients")
     _bool(cfg, "verbose")
     _int(cfg, "min_clients", 0)

@@ -121,6 +121,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ),
     ("unknown device", ["device=tpu"], "device: must be cpu, cuda, cuda:N or auto, got 'tpu'"),
     (
+        "unknown memory format",
+        ["memory_format=nhwc"],
+        "memory_format: must be auto, channels_last or contiguous, got 'nhwc'",
+    ),
+    (
         "target accuracy above 1",
         ["target_accuracy=1.5"],
         "target_accuracy: must be null or in (0, 1], got 1.5",

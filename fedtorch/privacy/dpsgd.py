@@ -52,6 +52,9 @@ class DPSGDTrainer(ClientTrainer):
 
     per_sample_clipping = True
 
+    # Opacus's per-sample conv gradients are wrong for channels_last weights.
+    supports_channels_last = False
+
     def __init__(
         self,
         *args,
