@@ -20,9 +20,10 @@ Every finished cell rewrites ``results/table.md`` and the table in README.md.
     python experiments/niid_bench/run.py --jobs 2 --stop-at 20:15
 
 ``--stop-at HH:MM`` (local time) starts no cell after that time and interrupts the running
-ones then, as Ctrl-C would: each checkpoints its last finished round. Checkpoints are
-git-ignored; to carry a stopped cell to another machine, commit its newest checkpoint with
-``git add -f`` (the script prints the paths).
+ones then, as Ctrl-C would: each checkpoints its last finished round and gets an
+``IN_PROGRESS.md`` saying how far it got. Checkpoints are git-ignored; to carry a stopped
+cell to another machine, commit its newest checkpoint with ``git add -f`` (the script
+prints the paths).
 """
 
 from __future__ import annotations
@@ -111,21 +112,49 @@ def claim(partition: str, algorithm: str) -> bool:
     return True
 
 
+def newest_checkpoint(partition: str, algorithm: str) -> Path | None:
+    folder = RUNS / partition / algorithm / "checkpoints"
+    return max(folder.glob("round_*.pt"), default=None) if folder.is_dir() else None
+
+
+def progress_line(partition: str, algorithm: str) -> str | None:
+    """``round N, best X% at round R so far`` of a started, unfinished cell (else None)."""
+    metrics = RUNS / partition / algorithm / "metrics.jsonl"
+    checkpoint = newest_checkpoint(partition, algorithm)
+    if summary(partition, algorithm) or checkpoint is None or not metrics.exists():
+        return None
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    saved = int(checkpoint.stem.split("_")[1])
+    rows = [r for r in rows if r["round"] <= saved and r.get("test_accuracy") is not None]
+    if not rows:
+        return f"checkpoint of round {saved}"
+    top = max(rows, key=lambda r: r["test_accuracy"])
+    return (
+        f"checkpoint of round {saved}, best so far {100 * top['test_accuracy']:.2f}% "
+        f"at round {top['round']}"
+    )
+
+
 def run_cell(
     partition: str, algorithm: str, threads: int, extra: list[str], deadline: float | None
 ) -> None:
     out = RUNS / partition / algorithm
-    resume = (
-        ["resume=true"]
-        if (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("round_*.pt"))
-        else []
-    )
+    resume = ["resume=true"] if newest_checkpoint(partition, algorithm) else []
     print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}", flush=True)
     overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *ALGORITHMS[algorithm]]
+    note = out / "IN_PROGRESS.md"
     if not run_fedtorch([*overrides, *resume, *extra], out, threads, deadline):
-        newest = max((out / "checkpoints").glob("round_*.pt"))
-        print(f"  stopped at --stop-at; newest checkpoint {newest.relative_to(REPO)}", flush=True)
+        newest = newest_checkpoint(partition, algorithm).relative_to(REPO)
+        note.write_text(
+            f"Stopped at --stop-at with a {progress_line(partition, algorithm)}.\n\n"
+            f"`python experiments/niid_bench/run.py --only {partition}/{algorithm}` resumes "
+            "from it and ends\nbit-identical to an uninterrupted run. Checkpoints are "
+            "git-ignored; to carry the cell\nto another machine commit the newest:\n\n"
+            f"    git add -f {newest}\n\nThis note goes when the cell finishes.\n"
+        )
+        print(f"  stopped; newest checkpoint {newest}", flush=True)
         return
+    note.unlink(missing_ok=True)
     result = summary(partition, algorithm)
     print(
         f"  best {100 * result['best_accuracy']:.2f}% (round {result['best_round']}), "
@@ -196,6 +225,8 @@ def main() -> None:
         for p, a in todo:
             s, pid = summary(p, a), claimed_by(p, a)
             state = f"{100 * s['best_accuracy']:.2f}%" if s else "missing"
+            partial = progress_line(p, a)
+            state = f"started ({partial})" if partial else state
             print(f"{p}/{a}: {state}" + (f" (running, pid {pid})" if pid and not s else ""))
         return
     if not args.table:
