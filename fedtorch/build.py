@@ -157,7 +157,7 @@ def _set_memory_format(
     """Store the model's 4-D (conv) weights channels_last when ``memory_format`` asks.
 
     ``auto`` does so on the CPU, where oneDNN convolutions then skip a layout conversion
-    each call (the NIID-Bench simple CNN trains about 1.5x faster a step), unless the
+    each call (a NIID-Bench simple-CNN round runs about 1.35x as fast), unless the
     trainer cannot (DP-SGD) or the model's forward cannot (``.view`` on a conv output):
     then it keeps the default layout and says why. On CUDA ``auto`` keeps the default.
     Only float rounding differs between the layouts.
