@@ -81,3 +81,15 @@ def test_dpsgd_keeps_contiguous_weights(tmp_path):
     assert not conv_layout(build(compose_config(dp), tmp_path / "auto"))
     with pytest.raises(ConfigError, match="^memory_format: channels_last is not supported by"):
         build(compose_config([*dp, "memory_format=channels_last"]), tmp_path / "cl")
+
+
+def test_vectorized_engine_beside_a_channels_last_model(tmp_path):
+    """The vectorized engine stacks the (row-major) global state, not the model's own
+    weights, so it trains the same whatever layout the model was given."""
+    vectors = []
+    for engine in ("sequential", "vectorized"):
+        orch = build(compose_config([*CONV, "rounds=2", f"engine={engine}"]), tmp_path / engine)
+        assert conv_layout(orch)
+        orch.run()
+        vectors.append(orch.global_vector)
+    torch.testing.assert_close(vectors[0], vectors[1], atol=1e-5, rtol=0)
