@@ -118,7 +118,8 @@ def newest_checkpoint(partition: str, algorithm: str) -> Path | None:
 
 
 def progress_line(partition: str, algorithm: str) -> str | None:
-    """``round N, best X% at round R so far`` of a started, unfinished cell (else None)."""
+    """``checkpoint of round N, best so far X% at round R`` for a started, unfinished cell
+    (None for a finished or unstarted one)."""
     metrics = RUNS / partition / algorithm / "metrics.jsonl"
     checkpoint = newest_checkpoint(partition, algorithm)
     if summary(partition, algorithm) or checkpoint is None or not metrics.exists():
@@ -214,7 +215,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (one per core)")
     parser.add_argument(
-        "--stop-at", metavar="HH:MM", help="start no cell after this time; interrupt the running"
+        "--stop-at",
+        metavar="HH:MM",
+        help="start no cell after this time; then interrupt running cells",
     )
     parser.add_argument("--list", action="store_true", help="list the cells and stop")
     parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
