@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
+
+from fedtorch.models.mlp import MLP
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -51,3 +54,17 @@ def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, t
 @pytest.fixture
 def fast_overrides() -> list[str]:
     return list(FAST)
+
+
+class SlowEvalMLP(MLP):
+    """The MLP, pausing 0.3 s per forward in eval mode (once per round's test evaluation).
+
+    Gives a test that interrupts a CLI run between rounds a wide, wall-clock window: the
+    rounds after the first take seconds however fast the CPU is. Training is untouched, so
+    its results equal the plain MLP's bit for bit.
+    """
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(0.3)
+        return super().forward(x)

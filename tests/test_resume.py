@@ -173,7 +173,8 @@ def test_cli_sigkill_then_resume(tmp_path, reference):
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
     run_dir = tmp_path / "run"
-    proc = popen_cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path)
+    slow = "model._target_=tests.conftest.SlowEvalMLP"  # rounds 2-5 outlast the signal
+    proc = popen_cli([*RUN, slow, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for_rows(run_dir, 1, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
