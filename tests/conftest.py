@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
@@ -59,12 +60,12 @@ def fast_overrides() -> list[str]:
 class SlowEvalMLP(MLP):
     """The MLP, pausing 0.3 s per forward in eval mode (once per round's test evaluation).
 
-    Gives a test that interrupts a CLI run between rounds a wide, wall-clock window: the
-    rounds after the first take seconds however fast the CPU is. Training is untouched, so
-    its results equal the plain MLP's bit for bit.
+    Gives a test that interrupts a CLI run part-way a wide, wall-clock window: every round
+    takes at least 0.3 s however fast the CPU is. Training is untouched, so its results
+    equal the plain MLP's bit for bit.
     """
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             time.sleep(0.3)
         return super().forward(x)

@@ -37,6 +37,8 @@ RUN = [
     "checkpoint.keep=3",
 ]
 TIMING = ("round_time_s", "elapsed_s")
+# For the CLI runs a test signals part-way: the rounds left outlast the signal's delivery.
+SLOW = "model._target_=tests.conftest.SlowEvalMLP"
 
 
 def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -162,19 +164,18 @@ def popen_cli(args, cwd):
 
 def test_cli_sigkill_then_resume(tmp_path, reference):
     run_dir = tmp_path / "run"
-    proc = popen_cli([*RUN, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = popen_cli([*RUN, SLOW, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for_rows(run_dir, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = run_cli([*RUN, f"resume={run_dir}"], cwd=tmp_path)
+    done = run_cli([*RUN, SLOW, f"resume={run_dir}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same(run_dir, reference)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
     run_dir = tmp_path / "run"
-    slow = "model._target_=tests.conftest.SlowEvalMLP"  # rounds 2-5 outlast the signal
-    proc = popen_cli([*RUN, slow, f"hydra.run.dir={run_dir}"], tmp_path)
+    proc = popen_cli([*RUN, SLOW, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for_rows(run_dir, 1, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
