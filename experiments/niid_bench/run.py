@@ -18,12 +18,17 @@ Every finished cell rewrites ``results/table.md`` and the table in README.md.
     python experiments/niid_bench/run.py --list           # cells and their state
     python experiments/niid_bench/run.py --table          # only rebuild the table
     python experiments/niid_bench/run.py --jobs 2 --stop-at 20:15
+    python experiments/niid_bench/run.py --checks         # the side runs (CHECKS) instead
 
 ``--stop-at HH:MM`` (local time) starts no cell after that time and interrupts the running
 ones then, as Ctrl-C would: each checkpoints its last finished round and gets an
 ``IN_PROGRESS.md`` saying how far it got. Checkpoints are git-ignored; to carry a stopped
 cell to another machine, commit its newest checkpoint with ``git add -f`` (the script
 prints the paths).
+
+``--checks`` runs the side runs in ``CHECKS`` instead of the grid: one cell re-run with
+one setting changed, to test an explanation of a gap. They live beside the grid's cells
+(``results/runs/<partition>/<name>``) and stay out of the table.
 """
 
 from __future__ import annotations
@@ -64,6 +69,14 @@ ALGORITHMS = {
     "fednova": ["strategy=fednova"],
     **{f"fedprox_mu{mu}": ["strategy=fedprox", f"client.prox_mu={mu}"] for mu in MUS},
 }
+# Side runs (see --checks): a grid cell with one setting changed, each testing an explanation
+# of a gap to Flower's figures. Flower feeds ToTensor's [0, 1] pixels and seeds with 42.
+VARIANTS = {
+    "fednova_raw_pixels": ["strategy=fednova", "data.normalize=false"],
+    "fedavg_raw_pixels": ["strategy=fedavg", "data.normalize=false"],
+    "fednova_seed42": ["strategy=fednova", "seed=42"],
+}
+CHECKS = [("c2", "fednova_raw_pixels"), ("c2", "fedavg_raw_pixels"), ("c2", "fednova_seed42")]
 # Flower's NIID-Bench reproduction (baselines/niid_bench/README.md), Fashion-MNIST: best test
 # accuracy (%) as mean and standard deviation over its seeds.
 PUBLISHED = {
@@ -169,7 +182,8 @@ def run_cell(
     out = RUNS / partition / algorithm
     resume = ["resume=true"] if newest_checkpoint(partition, algorithm) else []
     print(f"[{time.strftime('%H:%M:%S')}] {partition}/{algorithm}", flush=True)
-    overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *ALGORITHMS[algorithm]]
+    setting = ALGORITHMS.get(algorithm) or VARIANTS[algorithm]
+    overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *setting]
     note = out / "IN_PROGRESS.md"
     if not run_fedtorch([*overrides, *resume, *extra], out, threads, deadline):
         newest = newest_checkpoint(partition, algorithm).relative_to(REPO)
@@ -250,11 +264,13 @@ def main() -> None:
         metavar="HH:MM",
         help="start no cell after this time; then interrupt running cells",
     )
+    parser.add_argument("--checks", action="store_true", help="the side runs, not the grid")
     parser.add_argument("--list", action="store_true", help="list the cells and stop")
     parser.add_argument("--table", action="store_true", help="rebuild the table and stop")
     parser.add_argument("overrides", nargs="*", help="extra fedtorch overrides for every run")
     args = parser.parse_args()
-    todo = [(p, a) for p, a in cells() if not args.only or any(o in f"{p}/{a}" for o in args.only)]
+    pool = CHECKS if args.checks else cells()
+    todo = [(p, a) for p, a in pool if not args.only or any(o in f"{p}/{a}" for o in args.only)]
     if args.list:
         for p, a in todo:
             s, pid = summary(p, a), claimed_by(p, a)
