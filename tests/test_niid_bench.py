@@ -1,0 +1,58 @@
+"""The NIID-Bench grid script's bookkeeping: the cells, the side runs and the seed range
+used to read gaps to Flower's published figures."""
+
+import importlib.util
+import random
+import statistics
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "niid_bench" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def grid():
+    spec = importlib.util.spec_from_file_location("niid_bench_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cells_cover_the_grid_once_with_default_mu_first(grid):
+    cells = grid.cells()
+    assert len(cells) == len(set(cells)) == 5 * 7
+    first_pass = cells[: 5 * 4]
+    assert {a for _, a in first_pass} == {"fedavg", "scaffold", "fednova", "fedprox_mu0.01"}
+    assert all(p in grid.PUBLISHED for p, _ in cells)
+
+
+def test_checks_name_a_partition_and_a_variant_outside_the_grid(grid):
+    for partition, name in grid.CHECKS:
+        assert partition in grid.PARTITIONS
+        assert name in grid.VARIANTS and name not in grid.ALGORITHMS
+
+
+def test_seed_range_is_the_widest_one_run_can_lie_from_the_mean(grid):
+    # The bound is reached: one run at the edge, the other two equal.
+    mean, std = 82.43, 1.52
+    low, high = grid.seed_range(mean, std)
+    half = high - mean
+    runs = [mean + half, mean - half / 2, mean - half / 2]
+    assert statistics.mean(runs) == pytest.approx(mean)
+    assert statistics.stdev(runs) == pytest.approx(std)
+    assert mean - low == pytest.approx(half)
+    # ...and never exceeded by any three runs.
+    rng = random.Random(0)
+    for _ in range(1000):
+        runs = [rng.gauss(0, 1) for _ in range(3)]
+        m, s = statistics.mean(runs), statistics.stdev(runs)
+        low, high = grid.seed_range(m, s)
+        assert all(low - 1e-9 <= x <= high + 1e-9 for x in runs)
+
+
+def test_flowers_scaffold_c2_spread_is_one_converged_run_and_two_at_chance(grid):
+    mean, std = grid.PUBLISHED["c2"]["scaffold"]
+    assert statistics.mean([81.4, 10.0, 10.0]) == pytest.approx(mean)
+    assert statistics.stdev([81.4, 10.0, 10.0]) == pytest.approx(std, abs=0.01)
+    assert grid.seed_range(mean, std)[1] == pytest.approx(81.4, abs=0.01)
