@@ -76,8 +76,14 @@ VARIANTS = {
     "fednova_raw_pixels": ["strategy=fednova", "data.normalize=false"],
     "fedavg_raw_pixels": ["strategy=fedavg", "data.normalize=false"],
     "fednova_seed42": ["strategy=fednova", "seed=42"],
+    "fedavg_seed42": ["strategy=fedavg", "seed=42"],
 }
-CHECKS = [("c2", "fednova_raw_pixels"), ("c2", "fedavg_raw_pixels"), ("c2", "fednova_seed42")]
+CHECKS = [
+    ("c2", "fednova_raw_pixels"),
+    ("c2", "fednova_seed42"),
+    ("c2", "fedavg_seed42"),
+    ("c2", "fedavg_raw_pixels"),
+]
 # Flower's NIID-Bench reproduction (baselines/niid_bench/README.md), Fashion-MNIST: best test
 # accuracy (%) as mean and standard deviation over its seeds.
 PUBLISHED = {
