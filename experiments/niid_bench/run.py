@@ -129,7 +129,8 @@ def seed_range(mean: float, std: float, n: int = PUBLISHED_SEEDS) -> tuple[float
     """The interval any one of ``n`` runs with this sample mean and standard deviation lies
     in: no value is further than ``std * (n - 1) / sqrt(n)`` from the mean (the bound is
     reached when the other ``n - 1`` runs are equal). Ours inside it could have been one of
-    Flower's own runs; outside it, seed spread alone cannot explain the gap."""
+    Flower's own runs; outside it, the spread of Flower's seeds cannot explain the gap (our
+    own seed may still be an outlier: test with another seed, see CHECKS)."""
     half = std * (n - 1) / math.sqrt(n)
     return mean - half, mean + half
 
@@ -267,8 +268,8 @@ def table() -> str:
         f"{done} of {len(cells())} runs done; — = not run yet. Ours: one seed; published: mean"
         f" ± standard deviation over the {PUBLISHED_SEEDS} seeds of Flower's reproduction. In"
         " range: ours lies within mean ± std·(n−1)/√n, as far as one of Flower's n runs can lie"
-        " from their mean, so it could have been one of them; out of range: seed spread alone"
-        " cannot explain the gap."
+        " from their mean, so it could have been one of them; out of range: the spread of Flower's"
+        " seeds cannot explain the gap (ours may still be an outlying seed)."
     )
     return "\n".join(lines)
 
