@@ -14,6 +14,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def interruptible() -> None:
+    """Let SIGINT reach the runs this script starts (``run_fedtorch``'s deadline sends it).
+
+    A script started in the background (``nohup ... &`` from a non-interactive shell)
+    inherits SIGINT ignored, and an ignored signal stays ignored across exec, so the runs
+    would never see the interrupt and would train on past the deadline. A handled signal is
+    reset to the default in a child, where Python turns it into KeyboardInterrupt. Call
+    once from the main thread, before starting runs.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_fedtorch(
     overrides: list[str], out: Path, threads: int = 1, deadline: float | None = None
 ) -> bool:

@@ -3,7 +3,10 @@ used to read gaps to Flower's published figures."""
 
 import importlib.util
 import random
+import signal
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,21 @@ def test_flowers_scaffold_c2_spread_is_one_converged_run_and_two_at_chance(grid)
     assert statistics.mean([81.4, 10.0, 10.0]) == pytest.approx(mean)
     assert statistics.stdev([81.4, 10.0, 10.0]) == pytest.approx(std, abs=0.01)
     assert grid.seed_range(mean, std)[1] == pytest.approx(81.4, abs=0.01)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_stop_at_interrupt_reaches_runs_of_a_script_started_in_the_background(tmp_path):
+    # A background job inherits SIGINT ignored; the runs it starts must not.
+    experiments = SCRIPT.parents[1]
+    probe = (
+        "import signal, subprocess, sys\n"
+        f"sys.path.insert(0, {str(experiments)!r})\n"
+        "import common\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "common.interruptible()\n"
+        "status = subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True)\n"
+        "print(next(x for x in status.stdout.splitlines() if x.startswith('SigIgn')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    ignored = int(out.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGINT - 1))

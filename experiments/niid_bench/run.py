@@ -45,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import REPO, replace_block, run_fedtorch  # noqa: E402
+from common import REPO, interruptible, replace_block, run_fedtorch  # noqa: E402
 
 RUNS = HERE / "results" / "runs"
 
@@ -309,6 +309,7 @@ def main() -> None:
         return
     if not args.table:
         deadline = stop_time(args.stop_at) if args.stop_at else None
+        interruptible()
         run_grid(todo, args.jobs, args.threads, args.overrides, deadline)
     write_table()
 
