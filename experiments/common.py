@@ -44,6 +44,11 @@ def run_fedtorch(
         f"torch_threads={threads}",
         f"hydra.run.dir={out}",
     ]
+    if deadline is not None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        raise RuntimeError(
+            "SIGINT is ignored in this process, so the run would not stop at the deadline: "
+            "call interruptible() from the main thread before starting runs"
+        )
     print(" ".join(cmd[2:]), flush=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with subprocess.Popen(cmd, cwd=REPO, env=env) as process:

@@ -62,7 +62,7 @@ def test_flowers_scaffold_c2_spread_is_one_converged_run_and_two_at_chance(grid)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
-def test_stop_at_interrupt_reaches_runs_of_a_script_started_in_the_background(tmp_path):
+def test_stop_at_interrupt_reaches_runs_of_a_script_started_in_the_background():
     # A background job inherits SIGINT ignored; the runs it starts must not.
     experiments = SCRIPT.parents[1]
     probe = (
