@@ -83,6 +83,8 @@ CHECKS = [
     ("c2", "fednova_seed42"),
     ("c2", "fedavg_seed42"),
     ("c2", "fedavg_raw_pixels"),
+    ("c1", "fedavg_raw_pixels"),
+    ("c1", "fedavg_seed42"),
 ]
 # Flower's NIID-Bench reproduction (baselines/niid_bench/README.md), Fashion-MNIST: best test
 # accuracy (%) as mean and standard deviation over its seeds.
