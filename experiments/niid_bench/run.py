@@ -77,6 +77,7 @@ VARIANTS = {
     "fedavg_raw_pixels": ["strategy=fedavg", "data.normalize=false"],
     "fednova_seed42": ["strategy=fednova", "seed=42"],
     "fedavg_seed42": ["strategy=fedavg", "seed=42"],
+    "scaffold_raw_pixels": ["strategy=scaffold", "data.normalize=false"],
 }
 CHECKS = [
     ("c2", "fednova_raw_pixels"),
@@ -84,6 +85,7 @@ CHECKS = [
     ("c2", "fedavg_seed42"),
     ("c2", "fedavg_raw_pixels"),
     ("c1", "fedavg_raw_pixels"),
+    ("c1", "scaffold_raw_pixels"),
     ("c1", "fedavg_seed42"),
 ]
 # Flower's NIID-Bench reproduction (baselines/niid_bench/README.md), Fashion-MNIST: best test
