@@ -67,6 +67,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def _log_to_files(line: str) -> None:
+    """Append ``line`` to the run's log file (``train.log``) as an ERROR record, so the run
+    folder says why the run stopped; the terminal gets the line once, from ``print``."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _full_errors() -> bool:
     return os.environ.get("FEDTORCH_FULL_ERROR") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
 
@@ -80,6 +89,7 @@ def main(cfg: DictConfig) -> float | None:
     except FedtorchError as exc:
         if _full_errors():
             raise
+        _log_to_files(f"error: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as stop:

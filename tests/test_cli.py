@@ -134,6 +134,8 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == "error: partition.alpha: must be > 0, got -1"
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "metrics.csv").exists()  # failed before training
+    log = (tmp_path / "r" / "train.log").read_text()  # the run folder says why it stopped
+    assert log.rstrip().endswith("[ERROR] - error: partition.alpha: must be > 0, got -1")
     full = run_cli(
         [*FAST, "partition=dirichlet", "partition.alpha=-1", f"hydra.run.dir={tmp_path / 'r'}"],
         cwd=tmp_path,

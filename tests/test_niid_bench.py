@@ -77,3 +77,36 @@ def test_stop_at_interrupt_reaches_runs_of_a_script_started_in_the_background():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     ignored = int(out.stdout.split()[1], 16)
     assert not ignored & (1 << (signal.SIGINT - 1))
+
+
+def test_a_failed_cell_is_recorded_and_the_grid_goes_on(grid, tmp_path, monkeypatch):
+    monkeypatch.setattr(grid, "RUNS", tmp_path)
+    monkeypatch.setattr(grid, "write_table", lambda: None)
+    ran = []
+
+    def fake_run(overrides, out, threads, deadline):
+        ran.append(out.name)
+        if out.name == "fedavg":  # diverges: logs a round and a warning, then exits 2
+            (out / "metrics.jsonl").write_text('{"round": 9, "test_accuracy": 0.1}\n')
+            (out / "train.log").write_text(
+                "[t][fedtorch][WARNING] - round 9: client 0 failed: update has NaN\n"
+                "[t][fedtorch][ERROR] - error: round 10: only 0 of 2 sampled clients reported\n"
+            )
+            raise subprocess.CalledProcessError(2, ["fedtorch.train"])
+        (out / "summary.json").write_text(
+            '{"best_accuracy": 0.5, "best_round": 1, "wall_time_s": 1.0}'
+        )
+        return True
+
+    monkeypatch.setattr(grid, "run_fedtorch", fake_run)
+    cells = [("c1", "fedavg"), ("c1", "scaffold")]
+    grid.run_grid(cells, jobs=1, threads=1, extra=[])
+    assert ran == ["fedavg", "scaffold"]
+    note = (tmp_path / "c1" / "fedavg" / "FAILED.md").read_text()
+    assert note.startswith("failed: exit status 2 after round 9")
+    assert "client 0 failed: update has NaN" in note
+    assert "error: round 10: only 0 of 2 sampled clients reported" in note
+    assert grid.failure("c1", "fedavg") and not grid.failure("c1", "scaffold")
+    assert not (tmp_path / "c1" / "fedavg" / ".running").exists()
+    grid.run_grid(cells, jobs=1, threads=1, extra=[])  # skipped until FAILED.md is deleted
+    assert ran == ["fedavg", "scaffold"]

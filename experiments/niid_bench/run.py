@@ -10,7 +10,10 @@ Resumable run by run: a cell whose ``summary.json`` exists is skipped, so the gr
 run in parts (``--only``); a cell that another live invocation is running (its
 ``.running`` file names the pid) is skipped too, so invocations can share the grid; an
 interrupted cell continues from its last checkpoint (every 5 rounds) with ``resume=true``.
-Every finished cell rewrites ``results/table.md`` and the table in README.md.
+Every finished cell rewrites ``results/table.md`` and the table in README.md. A run that
+fails (a diverged one whose clients all send NaN, say) gets a ``FAILED.md`` in its folder
+and the invocation goes on with the next cell; later invocations skip it until the file is
+deleted.
 
     python experiments/niid_bench/run.py                  # everything still missing
     python experiments/niid_bench/run.py --jobs 2         # two cells at a time (2 cores)
@@ -37,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -158,6 +162,32 @@ def summary(partition: str, algorithm: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def failure(partition: str, algorithm: str) -> str | None:
+    """The first line of the cell's ``FAILED.md`` if its run failed, else None."""
+    path = RUNS / partition / algorithm / "FAILED.md"
+    return path.read_text().splitlines()[0] if path.exists() else None
+
+
+def record_failure(out: Path, code: int) -> str:
+    """Write ``FAILED.md`` for a run that exited with ``code``: the last round it logged and
+    the last warning of its ``train.log`` (a diverged run says which clients sent NaN)."""
+    rows = []
+    if (out / "metrics.jsonl").exists():
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
+    log = (out / "train.log").read_text().splitlines() if (out / "train.log").exists() else []
+    errors = [line.split(" - ", 1)[-1] for line in log if "[ERROR]" in line]
+    warnings = [line.split(" - ", 1)[-1] for line in log if "[WARNING]" in line]
+    first = f"failed: exit status {code} after round {rows[-1]['round'] if rows else 0}"
+    text = [first, ""]
+    if errors:
+        text += ["Its error, from train.log:", "", f"    {errors[-1]}", ""]
+    if warnings:
+        text += ["Last warning in train.log:", "", f"    {warnings[-1]}", ""]
+    text += ["Later invocations skip this cell; delete this file to run it again."]
+    (out / "FAILED.md").write_text("\n".join(text) + "\n")
+    return first
+
+
 def claimed_by(partition: str, algorithm: str) -> int | None:
     """The pid of a live process running this cell, if any (its ``.running`` file)."""
     marker = RUNS / partition / algorithm / ".running"
@@ -212,7 +242,12 @@ def run_cell(
     setting = ALGORITHMS.get(algorithm) or VARIANTS[algorithm]
     overrides = ["+experiment=fmnist_dirichlet", *PARTITIONS[partition], *setting]
     note = out / "IN_PROGRESS.md"
-    if not run_fedtorch([*overrides, *resume, *extra], out, threads, deadline):
+    try:
+        finished = run_fedtorch([*overrides, *resume, *extra], out, threads, deadline)
+    except subprocess.CalledProcessError as error:
+        print(f"  {record_failure(out, error.returncode)}; see {out / 'FAILED.md'}", flush=True)
+        return
+    if not finished:
         newest = newest_checkpoint(partition, algorithm).relative_to(REPO)
         note.write_text(
             f"Stopped at --stop-at with a {progress_line(partition, algorithm)}.\n\n"
@@ -258,7 +293,8 @@ def table() -> str:
             mean, std = PUBLISHED[p][c]
             published = f"{mean:.2f} ± {std:.2f}"
             if acc is None:
-                row.append(f"— / {published}")
+                failed = c != "fedprox" and failure(p, c)
+                row.append(f"{'failed' if failed else '—'} / {published}")
                 continue
             gap = acc - mean
             low, high = seed_range(mean, std)
@@ -267,9 +303,15 @@ def table() -> str:
             row.append(f"{acc:.2f} / {published}{flag}" + (f" [{note}]" if note else ""))
         lines.append("| " + " | ".join(row) + " |")
     done = sum(summary(p, a) is not None for p, a in cells())
+    failed = (
+        "; failed = the run failed, see its FAILED.md"
+        if any(failure(*cell) for cell in cells())
+        else ""
+    )
     lines.append("")
     lines.append(
-        f"{done} of {len(cells())} runs done; — = not run yet. Ours: one seed; published: mean"
+        f"{done} of {len(cells())} runs done; — = not run yet{failed}. Ours: one seed;"
+        " published: mean"
         f" ± standard deviation over the {PUBLISHED_SEEDS} seeds of Flower's reproduction. In"
         " range: ours lies within mean ± std·(n−1)/√n, as far as one of Flower's n runs can lie"
         " from their mean, so it could have been one of them; out of range: the spread of Flower's"
@@ -309,6 +351,7 @@ def main() -> None:
             state = f"{100 * s['best_accuracy']:.2f}%" if s else "missing"
             partial = progress_line(p, a)
             state = f"started ({partial})" if partial else state
+            state = failure(p, a) or state
             print(f"{p}/{a}: {state}" + (f" (running, pid {pid})" if pid and not s else ""))
         return
     if not args.table:
@@ -344,7 +387,10 @@ def run_grid(
     def worker() -> None:
         while deadline is None or time.time() < deadline:
             with lock:
-                cell = next((c for c in queue if summary(*c) is None and claim(*c)), None)
+                cell = next(
+                    (c for c in queue if not summary(*c) and not failure(*c) and claim(*c)),
+                    None,
+                )
             if cell is None:
                 return
             try:
