@@ -169,8 +169,9 @@ def failure(partition: str, algorithm: str) -> str | None:
 
 
 def record_failure(out: Path, code: int) -> str:
-    """Write ``FAILED.md`` for a run that exited with ``code``: the last round it logged and
-    the last warning of its ``train.log`` (a diverged run says which clients sent NaN)."""
+    """Write ``FAILED.md`` for a run that exited with ``code``: the last round it logged, and
+    the error line and last warning of its ``train.log`` (a diverged run says which clients
+    sent NaN). Returns the file's first line."""
     rows = []
     if (out / "metrics.jsonl").exists():
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
