@@ -250,10 +250,11 @@ def run_cell(
         return
     if not finished:
         newest = newest_checkpoint(partition, algorithm).relative_to(REPO)
+        checks = " --checks" if algorithm in VARIANTS else ""
         note.write_text(
             f"Stopped at --stop-at with a {progress_line(partition, algorithm)}.\n\n"
-            f"`python experiments/niid_bench/run.py --only {partition}/{algorithm}` resumes "
-            "from it and ends\nbit-identical to an uninterrupted run. Checkpoints are "
+            f"`python experiments/niid_bench/run.py{checks} --only {partition}/{algorithm}` "
+            "resumes from it and ends\nbit-identical to an uninterrupted run. Checkpoints are "
             "git-ignored; to carry the cell\nto another machine commit the newest:\n\n"
             f"    git add -f {newest}\n\nThis note goes when the cell finishes.\n"
         )
