@@ -82,6 +82,8 @@ VARIANTS = {
     "fednova_seed42": ["strategy=fednova", "seed=42"],
     "fedavg_seed42": ["strategy=fedavg", "seed=42"],
     "scaffold_raw_pixels": ["strategy=scaffold", "data.normalize=false"],
+    # Flower's FedProx runs at mu = 0.01 (its fedprox_base.yaml).
+    "fedprox_raw_pixels": ["strategy=fedprox", "client.prox_mu=0.01", "data.normalize=false"],
 }
 CHECKS = [
     ("c2", "fednova_raw_pixels"),
@@ -91,6 +93,7 @@ CHECKS = [
     ("c1", "fedavg_raw_pixels"),
     ("c1", "scaffold_raw_pixels"),
     ("c1", "fedavg_seed42"),
+    ("c1", "fedprox_raw_pixels"),
 ]
 # Flower's NIID-Bench reproduction (baselines/niid_bench/README.md), Fashion-MNIST: best test
 # accuracy (%) as mean and standard deviation over its seeds.
