@@ -313,9 +313,10 @@ def table() -> str:
         if any(failure(*cell) for cell in cells())
         else ""
     )
+    missing = "; — = not run yet" if done < len(cells()) else ""
     lines.append("")
     lines.append(
-        f"{done} of {len(cells())} runs done; — = not run yet{failed}. Ours: one seed;"
+        f"{done} of {len(cells())} runs done{missing}{failed}. Ours: one seed;"
         " published: mean"
         f" ± standard deviation over the {PUBLISHED_SEEDS} seeds of Flower's reproduction. In"
         " range: ours lies within mean ± std·(n−1)/√n, as far as one of Flower's n runs can lie"
