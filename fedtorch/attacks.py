@@ -8,8 +8,9 @@ malicious. Whenever one of them is sampled it attacks:
 ``gaussian``    sends Gaussian noise N(0, std^2) in place of its update
 ``label_flip``  trains honestly on flipped labels y -> C - 1 - y (data poisoning)
 
-Update attacks rewrite the malicious rows of the round's deltas after local training and
-before aggregation, which is where a real attacker's message would enter the server.
+Update attacks rewrite a malicious client's delta in the update pipeline, after local
+training and before aggregation, which is where a real attacker's message would enter the
+server.
 """
 
 from __future__ import annotations
@@ -60,26 +61,35 @@ class Attack:
         gen = seeding.generator(seed, seeding.ATTACK)
         self.malicious = set(torch.randperm(num_clients, generator=gen)[:count].tolist())
 
+    @property
+    def rewrites_updates(self) -> bool:
+        """Whether some client's update gets rewritten (an update attack is configured)."""
+        return bool(self.malicious) and self.kind in ("sign_flip", "scaled", "gaussian")
+
     def prepare(self, tasks: Sequence[ClientTask]) -> None:
         """Mark malicious tasks for label flipping (the ``label_flip`` attack)."""
         if self.kind == "label_flip":
             for task in tasks:
                 task.flip_labels = task.client_id in self.malicious
 
+    def rewrite(self, client_id: int, delta: torch.Tensor, round_idx: int) -> bool:
+        """Rewrite one client's delta [P] in place if it attacks this way; returns whether
+        the client is malicious (label flippers attacked during training)."""
+        if client_id not in self.malicious:
+            return False
+        if self.kind == "sign_flip":
+            delta.mul_(-self.scale)
+        elif self.kind == "scaled":
+            delta.mul_(self.scale)
+        elif self.kind == "gaussian":
+            gen = seeding.generator(self.seed, seeding.ATTACK, round_idx, client_id)
+            noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype)
+            delta.copy_(noise.mul_(self.std))
+        return True
+
     def corrupt(self, results: RoundResults, round_idx: int) -> int:
-        """Rewrite the malicious clients' deltas in place; returns how many attacked."""
-        rows = [i for i, c in enumerate(results.clients) if c.client_id in self.malicious]
-        if self.kind in ("none", "label_flip"):
-            return len(rows)
-        for i in rows:
-            delta = results.deltas[i]
-            if self.kind == "sign_flip":
-                delta.mul_(-self.scale)
-            elif self.kind == "scaled":
-                delta.mul_(self.scale)
-            else:
-                client = results.clients[i].client_id
-                gen = seeding.generator(self.seed, seeding.ATTACK, round_idx, client)
-                noise = torch.randn(delta.shape, generator=gen, dtype=delta.dtype)
-                delta.copy_(noise.mul_(self.std))
-        return len(rows)
+        """:meth:`rewrite` every row of a round; returns how many clients attacked."""
+        return sum(
+            self.rewrite(c.client_id, delta, round_idx)
+            for c, delta in zip(results.clients, results.deltas)
+        )

@@ -351,6 +351,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         target_accuracy=cfg.target_accuracy,
         on_client_failure=cfg.on_client_failure,
         min_clients=cfg.min_clients,
+        aggregation_memory_budget_mb=cfg.aggregation.memory_budget_mb,
     )
     return Orchestrator(
         model=model,

@@ -6,23 +6,28 @@ with ``weights_only=True``; Ctrl-C is held back while the server state changes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, flush, fsync, then rename over ``path``."""
+    """Write ``payload`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(payload))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` into a temporary file in the same folder, flush, fsync, then rename
+    over ``path``. Writing straight to the file keeps no serialized copy in memory."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)
@@ -30,7 +35,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -41,9 +46,8 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
 
 def save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
     """Save a ``state_dict`` (moved to CPU) atomically; load it with ``load_state``."""
-    buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    cpu_state = {k: v.detach().cpu() for k, v in state.items()}
+    atomic_write(path, lambda fh: torch.save(cpu_state, fh))
 
 
 def load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -62,7 +66,8 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
 # Config keys that may change between a run and its resumption: where files live, how
 # much is logged, how many rounds in total, how checkpoints are kept, and performance
-# knobs (a different memory_format changes results only by float rounding).
+# knobs (a different memory_format or aggregation budget changes results only by float
+# rounding).
 RESUME_IGNORED = (
     "resume",
     "resume_force",
@@ -73,6 +78,7 @@ RESUME_IGNORED = (
     "verbose",
     "torch_threads",
     "memory_format",
+    "aggregation.memory_budget_mb",
     "data.root",
     "data.search_paths",
     "data.download",
@@ -87,9 +93,7 @@ def save_checkpoint(run_dir: Path, round_idx: int, payload: dict, keep: int) -> 
     """Write ``payload`` atomically as round ``round_idx``'s checkpoint; keep the last ``keep``."""
     path = checkpoint_path(run_dir, round_idx)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda fh: torch.save(payload, fh))
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return path

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedtorch import seeding
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientError, ClientResult, ClientTask
+from fedtorch.results import ClientError, ClientResult, ClientTask, resolve
 from fedtorch.state import StateLayout
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -207,8 +207,8 @@ class ClientTrainer:
         mu = self.prox_mu + task.prox_mu
         params = dict(model.named_parameters())
         anchors = {n: global_state[n] for n in params} if mu else {}
-        corrections = self._param_views(task.correction)
-        step_corrections = self._param_views(task.step_correction)
+        corrections = self._param_views(resolve(task.correction))
+        step_corrections = self._param_views(resolve(task.step_correction))
 
         # Per-step statistics stay on the device as a list of scalars: no host sync and
         # no extra kernels in the loop; they are reduced once at the end.
@@ -233,6 +233,7 @@ class ClientTrainer:
             if self.train_accuracy:
                 hits.append((logits.detach().argmax(dim=1) == y).sum())
 
+        optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past here
         state = self.local_state_dict()
         problem = self.layout.mismatch(state)
         if problem:

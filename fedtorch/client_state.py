@@ -7,15 +7,23 @@ parameter CNN would be 6.8 GB. Neither storage keeps that on the training device
     a CPU tensor per client, created the first time the client is written. Clients never
     sampled cost nothing, so memory grows with the clients seen, not with N.
 ``disk``
-    one N x P float32 file memory-mapped from the run folder (``client_state/NAME.bin``),
-    created sparse: rows never written take no disk space, and the operating system
-    keeps only recently used rows in RAM.
+    one N x P float32 file in the run folder (``client_state/NAME.bin``), created sparse:
+    rows never written take no disk space. Rows are read and written with ``pread`` /
+    ``pwrite``, so they sit in the operating system's page cache, never in the process:
+    its memory does not grow with the rows touched.
 
 A row never written reads as zeros, the initial value of both algorithms' state.
+
+Writes during a round are staged (:meth:`ClientStateStore.stage`) and only take effect at
+:meth:`ClientStateStore.commit`, when the server accepts the round: a round interrupted
+part-way leaves the store as it was, so a checkpoint and its resumption stay exact. On
+disk the staged rows go to a second sparse file (``NAME.staged.bin``), so staging a large
+cohort's rows does not hold them in memory either.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -48,18 +56,19 @@ class ClientStateStore:
             raise ConfigError(key, f"must be one of {STORAGES}, got {storage!r}")
         self.num_clients, self.size, self.storage = num_clients, size, storage
         self._rows: dict[int, torch.Tensor] = {}
-        self._table: torch.Tensor | None = None
+        self._staged: dict[int, torch.Tensor | None] = {}  # disk: None, the row is in the file
         self._written: set[int] = set()  # disk: rows holding state, so nothing scans the file
+        self._files: dict[str, int] = {}
         if storage == "disk":
             if path is None:
                 raise ConfigError(key, "disk storage needs a run folder")
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(num_clients * size * 4)
-            flat = torch.from_file(str(path), shared=True, size=num_clients * size)
-            self._table = flat.view(num_clients, size)
             self.path = path
+            for name, file in (("rows", path), ("staged", path.with_suffix(".staged.bin"))):
+                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, num_clients * size * 4)
+                self._files[name] = fd
 
     @classmethod
     def for_run(cls, context, storage: str, name: str) -> ClientStateStore:
@@ -71,32 +80,67 @@ class ClientStateStore:
         return cls(context.num_clients, context.size, storage, path, "strategy.client_state")
 
     def get(self, client_id: int) -> torch.Tensor:
-        """Client ``client_id``'s row [P] on the CPU (zeros if never written); a copy."""
-        if self._table is not None:
-            return self._table[client_id].clone()
+        """Client ``client_id``'s committed row [P] on the CPU (zeros if never written); a
+        copy."""
+        if self._files:
+            if client_id not in self._written:
+                return torch.zeros(self.size)
+            return self._read("rows", client_id)
         row = self._rows.get(client_id)
         return row.clone() if row is not None else torch.zeros(self.size)
 
     def set(self, client_id: int, value: torch.Tensor) -> None:
-        """Store ``value`` [P] as client ``client_id``'s row."""
+        """Store ``value`` [P] as client ``client_id``'s row, now."""
         value = value.detach().to("cpu", torch.float32)
-        if self._table is not None:
-            self._table[client_id].copy_(value)
+        if self._files:
+            self._write("rows", client_id, value)
             self._written.add(client_id)
         else:
             self._rows[client_id] = value.clone()
 
+    def stage(self, client_id: int, value: torch.Tensor) -> None:
+        """Make ``value`` client ``client_id``'s row at the next :meth:`commit`."""
+        value = value.detach().to("cpu", torch.float32)
+        if self._files:
+            self._write("staged", client_id, value)
+            self._staged[client_id] = None
+        else:
+            self._staged[client_id] = value.clone()
+
+    def commit(self) -> None:
+        """Apply the staged rows."""
+        for client_id, value in self._staged.items():
+            self.set(client_id, self._read("staged", client_id) if value is None else value)
+        self._staged.clear()
+
+    def discard(self) -> None:
+        """Forget the staged rows (a round that did not finish)."""
+        self._staged.clear()
+
     def state_dict(self) -> dict[int, torch.Tensor]:
-        """The rows written so far (for checkpoints)."""
-        if self._table is not None:
-            return {c: self._table[c].clone() for c in sorted(self._written)}
+        """The committed rows written so far (for checkpoints)."""
+        if self._files:
+            return {c: self._read("rows", c) for c in sorted(self._written)}
         return {c: r.clone() for c, r in self._rows.items()}
 
     def load_state_dict(self, rows: dict[int, torch.Tensor]) -> None:
         """Make the store hold exactly ``rows`` (rows written since are reset to zero)."""
+        zeros = torch.zeros(self.size)
         for c in self._written:  # only these rows can be non-zero: the file stays sparse
-            self._table[c].zero_()
+            self._write("rows", c, zeros)
         self._written.clear()
         self._rows.clear()
+        self._staged.clear()
         for c, r in rows.items():
             self.set(int(c), r)
+
+    def _read(self, file: str, client_id: int) -> torch.Tensor:
+        row = torch.empty(self.size)
+        read = os.preadv(self._files[file], [memoryview(row.numpy())], client_id * self.size * 4)
+        if read != self.size * 4:
+            raise OSError(f"short read of client {client_id}'s row from {self.path}")
+        return row
+
+    def _write(self, file: str, client_id: int, value: torch.Tensor) -> None:
+        data = memoryview(value.contiguous().numpy())
+        os.pwrite(self._files[file], data, client_id * self.size * 4)

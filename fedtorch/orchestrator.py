@@ -21,10 +21,12 @@ from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
+from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite, check_finite
+from fedtorch.pipeline.rows import RowStore
 from fedtorch.privacy.dp import DifferentialPrivacy, NoPrivacy
-from fedtorch.privacy.release import private_mean
+from fedtorch.privacy.release import PrivateRound
 from fedtorch.privacy.secagg import SecureAggregation
-from fedtorch.results import ClientResult, RoundResults
+from fedtorch.results import ClientFailure, ClientResult, ClientTask
 from fedtorch.sampling import sample_clients, sample_poisson
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
@@ -58,6 +60,7 @@ class RunSettings:
     target_accuracy: float | None = None
     on_client_failure: str = "drop"
     min_clients: int = 1
+    aggregation_memory_budget_mb: float = 1024
 
 
 class Orchestrator:
@@ -65,11 +68,15 @@ class Orchestrator:
 
     Each round: sample ``clients_per_round`` clients seeded by (seed, round); the strategy
     turns them into tasks (its client-side terms); system heterogeneity sets their local
-    work and drops some; the engine trains the rest from the global weights; malicious
-    clients (if any) rewrite their updates; the strategy aggregates the deltas into a new
-    global vector; ``max``-rule counters take the element-wise maximum; the global model is
-    evaluated every ``eval_every`` rounds and on the last one; a row goes to the logger. The
-    loop stops early once test accuracy reaches ``target_accuracy``.
+    work and drops some; the engine trains the rest from the global weights and hands each
+    client's delta, as soon as the client finishes, to the round's update pipeline
+    (:mod:`fedtorch.pipeline.pipeline`): a non-finite check, the attack (malicious clients
+    rewrite their updates), privacy and secure aggregation, then the strategy's aggregator,
+    which keeps running sums (or rows, for rules that need them). Once all clients are
+    done, the aggregator's server step gives the new global vector; ``max``-rule counters
+    take the element-wise maximum; the global model is evaluated every ``eval_every``
+    rounds and on the last one; a row goes to the logger. The loop stops early once test
+    accuracy reaches ``target_accuracy``.
 
     A client that raises, sends NaN/Inf or a malformed state is dropped from the round and
     logged with its id and reason (``on_client_failure=raise`` stops instead). If fewer
@@ -77,8 +84,8 @@ class Orchestrator:
     message; ``min_clients=0`` lets such a round leave the model unchanged.
 
     With privacy or secure aggregation on, the updates are clipped, noised and/or summed
-    under masks first and the strategy steps on the released mean (see
-    :mod:`fedtorch.privacy`); the privacy budget can end the run early.
+    under masks and the strategy steps on the released mean (see
+    :mod:`fedtorch.privacy.release`); the privacy budget can end the run early.
 
     Outputs in ``run_dir``: ``metrics.csv``, ``metrics.jsonl``, ``metrics.png`` (via the
     logger), ``checkpoints/`` (see :meth:`_save_checkpoint`), ``model.pt`` (final global
@@ -164,11 +171,11 @@ class Orchestrator:
                     )
                     break
                 t0 = time.perf_counter()
-                results, row = self._train_round(round_idx)
+                pipeline, row = self._train_round(round_idx)
                 # From here to the end of the round the server state changes: Ctrl-C waits
                 # until the round, its log row and its checkpoint are complete.
                 with deferred_interrupt():
-                    progress = self._finish_round(round_idx, results, row, progress)
+                    progress = self._finish_round(round_idx, pipeline, row, progress)
                     row.update(
                         bytes_up=progress.bytes_up,
                         bytes_down=progress.bytes_down,
@@ -210,8 +217,9 @@ class Orchestrator:
         checkpoint.write_json(self.run_dir / "summary.json", summary)
         return summary
 
-    def _train_round(self, round_idx: int) -> tuple[RoundResults | None, dict[str, Any]]:
-        """Sample, configure and train one round's clients; changes no server state."""
+    def _train_round(self, round_idx: int) -> tuple[UpdatePipeline | None, dict[str, Any]]:
+        """Sample, configure and train one round's clients, their updates streaming into
+        the round's pipeline; changes no server state."""
         s = self.settings
         if self.privacy.sampling == "poisson":
             rate = s.clients_per_round / len(self.shards)
@@ -223,14 +231,20 @@ class Orchestrator:
             tasks, round_idx, self.shard_sizes, self.trainer.batch_size
         )
         self.attack.prepare(tasks)
-        results, attacked, failed = None, 0, 0
+        pipeline = self._start_pipeline(tasks, round_idx)
         if tasks:
-            results = self.engine.run(
-                self.trainer, tasks, self.shards, self.global_state, self.global_vector, round_idx
+            self.engine.run(
+                self.trainer,
+                tasks,
+                self.shards,
+                self.global_state,
+                self.global_vector,
+                round_idx,
+                pipeline,
             )
-            failed = self._check_failures(results, round_idx)
-            attacked = self.attack.corrupt(results, round_idx)
-        trained = len(results) if results is not None else 0
+        failed = self._check_failures(pipeline.failures, round_idx)
+        clients = pipeline.clients
+        trained = len(clients)
         if trained < s.min_clients:
             raise FedtorchError(
                 f"round {round_idx}: only {trained} of {len(cohort)} sampled clients "
@@ -242,24 +256,61 @@ class Orchestrator:
             row["dropped"] = len(dropped)
         row["failed"] = failed
         if self.attack.malicious:
-            row["malicious"] = attacked
+            row["malicious"] = sum(c.client_id in self.attack.malicious for c in clients)
         if trained:
-            row.update(_weighted_train_metrics(results))
-        return (results if trained else None), row
+            row.update(_weighted_train_metrics(clients))
+        return (pipeline if trained or self.privacy.enabled else None), row
+
+    def _start_pipeline(self, tasks: list[ClientTask], round_idx: int) -> UpdatePipeline:
+        """The round's update pipeline: the per-update steps, then the aggregator."""
+        steps: list[Any] = [check_finite]
+        if self.attack.rewrites_updates:
+            steps.append(lambda client, delta: self._attack(client, delta, round_idx))
+        if self.privacy.enabled or self.secure_agg.enabled:
+            weighted = getattr(self.strategy, "weighted", True)
+            weights = {
+                t.client_id: float(self.shard_sizes[t.client_id]) if weighted else 1.0
+                for t in tasks
+            }
+            aggregator = PrivateRound(
+                self.privacy,
+                self.secure_agg,
+                weights,
+                round_idx,
+                self.global_vector,
+                lambda mean: self.strategy.server_step(self.global_vector, mean, round_idx),
+            )
+            steps.append(aggregator.client_step)
+        else:
+            rows = RowStore(
+                len(tasks),
+                self.layout.size,
+                int(self.settings.aggregation_memory_budget_mb * 2**20),
+                self.run_dir / "aggregation",
+                self.global_vector.device,
+                self.global_vector.dtype,
+            )
+            aggregator = self.strategy.start_round(self.global_vector, round_idx, rows)
+        return UpdatePipeline(steps, aggregator)
+
+    def _attack(self, client: ClientResult, delta: torch.Tensor, round_idx: int) -> torch.Tensor:
+        self.attack.rewrite(client.client_id, delta, round_idx)
+        return delta
 
     def _finish_round(
-        self, round_idx: int, results: RoundResults | None, row: dict[str, Any], progress: Progress
+        self,
+        round_idx: int,
+        pipeline: UpdatePipeline | None,
+        row: dict[str, Any],
+        progress: Progress,
     ) -> Progress:
         """Aggregate, evaluate and return the new progress (the state-changing half)."""
         s = self.settings
         sampled = row.pop("sampled")
         self._round_metrics = row
-        if results is None and self.privacy.enabled:  # noise is released every round
-            empty = torch.zeros(0, self.layout.size, device=self.global_vector.device)
-            results = RoundResults([], empty)
-        if results is not None:
-            self._apply(results, round_idx)
-            self.trainer.commit_local_state([c.client_id for c in results.clients])
+        if pipeline is not None:
+            self._apply(pipeline, round_idx)
+            self.trainer.commit_local_state([c.client_id for c in pipeline.clients])
         progress = replace(
             progress,
             round=round_idx,
@@ -359,27 +410,21 @@ class Orchestrator:
         log.info("resuming after round %d from %s", payload["round"], path)
         return Progress(**payload["progress"])
 
-    def _check_failures(self, results: RoundResults, round_idx: int) -> int:
+    def _check_failures(self, failures: list[ClientFailure], round_idx: int) -> int:
         """Log each rejected client; raise if ``on_client_failure=raise``. Returns the count."""
-        for failure in results.failures:
+        for failure in failures:
             message = f"round {round_idx}: client {failure.client_id} failed: {failure.reason}"
             if self.settings.on_client_failure == "raise":
                 raise FedtorchError(f"{message} (on_client_failure=raise)")
             log.warning("%s; dropped from the round", message)
-        return len(results.failures)
+        return len(failures)
 
-    def _apply(self, results: RoundResults, round_idx: int) -> None:
-        """Aggregate the clients' results into the global state."""
-        counters_from = results
-        if self.privacy.enabled or self.secure_agg.enabled:
-            weighted = getattr(self.strategy, "weighted", True)
-            mean, metrics = private_mean(
-                results, self.privacy, self.secure_agg, weighted, round_idx
-            )
-            results = RoundResults([ClientResult(-1, 1)], mean[None, :])
-            self._round_metrics.update(metrics)
-        aggregated = self.strategy.aggregate(self.global_vector, results, round_idx)
-        if not bool(torch.isfinite(aggregated).all()):
+    def _apply(self, pipeline: UpdatePipeline, round_idx: int) -> None:
+        """The aggregator's server step: the new global state."""
+        aggregated = pipeline.finish()
+        if isinstance(pipeline.aggregator, PrivateRound):
+            self._round_metrics.update(pipeline.aggregator.metrics)
+        if not all_finite(aggregated):
             raise FedtorchError(
                 f"round {round_idx}: the {type(self.strategy).__name__} server step gave "
                 "non-finite weights (NaN or Inf) from finite client updates; the run stops "
@@ -389,9 +434,9 @@ class Orchestrator:
         self.global_vector = aggregated
         self.layout.unflatten_into(self.global_vector, self.global_state)
         counter_keys = self.layout.keys("max")
-        if counter_keys and counters_from.clients:
+        if counter_keys and pipeline.clients:
             self.global_state.update(
-                aggregate_max([c.counters for c in counters_from.clients], counter_keys)
+                aggregate_max([c.counters for c in pipeline.clients], counter_keys)
             )
 
     def _owner_map(self) -> torch.Tensor:
@@ -422,17 +467,17 @@ class Orchestrator:
         return out
 
 
-def _weighted_train_metrics(results: RoundResults) -> dict[str, float]:
+def _weighted_train_metrics(clients: list[ClientResult]) -> dict[str, float]:
     """Sample-weighted mean of the clients' local training loss and accuracy."""
-    total = sum(r.num_samples for r in results.clients)
+    total = sum(r.num_samples for r in clients)
     if total == 0:
         return {}
     out = {
-        key: sum(r.metrics[key] * r.num_samples for r in results.clients) / total
+        key: sum(r.metrics[key] * r.num_samples for r in clients) / total
         for key in ("train_loss", "train_accuracy")
-        if all(key in r.metrics for r in results.clients)
+        if all(key in r.metrics for r in clients)
     }
-    epsilons = [r.metrics["epsilon"] for r in results.clients if "epsilon" in r.metrics]
+    epsilons = [r.metrics["epsilon"] for r in clients if "epsilon" in r.metrics]
     if epsilons:  # client=dpsgd: each client's sample-level epsilon so far
         out["client_epsilon_max"] = max(epsilons)
     return out

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+# A [P] vector, or a zero-argument callable that makes it when the client starts training
+# (strategies pass callables so that a round's tasks hold no [K, P] block).
+LazyVector = torch.Tensor | Callable[[], torch.Tensor] | None
+
+
+def resolve(vector: LazyVector) -> torch.Tensor | None:
+    """The tensor of a :data:`LazyVector` (calling it if it is a callable)."""
+    return vector() if callable(vector) else vector
 
 
 @dataclass
@@ -20,10 +30,11 @@ class ClientTask:
         steps: local minibatch steps this round; None uses the trainer's epochs/steps.
         correction: [P] vector (flat ``mean``-key layout) added to every local gradient of
             the client's parameters, so it passes through the optimizer (momentum, Adam):
-            FedDyn's ``-grad_k``. None: no term.
+            FedDyn's ``-grad_k``. None: no term. May be a callable that makes the vector
+            (see :func:`resolve`).
         step_correction: [P] vector ``v`` applied after every optimizer step as
             ``w <- w - lr * v``, outside the optimizer's momentum: SCAFFOLD's ``c - c_i``.
-            With plain SGD both placements give the same step.
+            With plain SGD both placements give the same step. May be a callable.
         prox_mu: proximal weight added to ``client.prox_mu`` for this client (FedDyn's
             alpha): the gradient gets ``prox_mu * (w - w_global)``.
         flip_labels: train on flipped labels ``C - 1 - y`` (a label-flipping attacker).
@@ -33,8 +44,8 @@ class ClientTask:
 
     client_id: int
     steps: int | None = None
-    correction: torch.Tensor | None = None
-    step_correction: torch.Tensor | None = None
+    correction: LazyVector = None
+    step_correction: LazyVector = None
     prox_mu: float = 0.0
     flip_labels: bool = False
     initial_loss: bool = False
@@ -71,13 +82,15 @@ class ClientError(Exception):
 
 @dataclass
 class RoundResults:
-    """Everything the clients of one round sent back.
+    """A round's updates as one matrix, for rules written over every row
+    (:meth:`Strategy.aggregate <fedtorch.strategies.base.Strategy.aggregate>`).
 
     Attributes:
-        clients: one entry per client that trained, in cohort order.
+        clients: one entry per client whose update was accepted, in cohort order.
         deltas: [K, P] matrix; row i is ``clients[i]``'s local minus global values of the
-            ``mean`` keys. Engines reuse this buffer from round to round: a strategy that
-            keeps deltas beyond ``aggregate`` must copy them.
+            ``mean`` keys (memory-mapped when the round's rows exceed
+            ``aggregation.memory_budget_mb``). Valid only during ``aggregate``: a strategy
+            that keeps deltas beyond it must copy them.
         failures: clients that were asked to train but whose update was rejected (raised,
             non-finite values, malformed state); they are not in ``clients``.
     """

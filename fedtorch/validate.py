@@ -85,6 +85,9 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "min_clients", 0)
     _int(cfg.checkpoint, "every", 0, key="checkpoint.every")
     _int(cfg.checkpoint, "keep", 1, key="checkpoint.keep")
+    budget = cfg.aggregation.get("memory_budget_mb")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ConfigError("aggregation.memory_budget_mb", f"must be a number > 0, got {budget!r}")
     _bool(cfg, "resume_force")
     resume = cfg.get("resume")
     if not isinstance(resume, (bool, str)) or resume == "":

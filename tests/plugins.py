@@ -8,6 +8,7 @@ from torch import nn
 from fedtorch.data.datasets import DataBundle
 from fedtorch.strategies import Strategy
 from fedtorch.strategies.aggregate import weighted_average
+from fedtorch.strategies.streaming import RunningMean
 
 
 class TinyNet(nn.Module):
@@ -55,6 +56,27 @@ def first_half_split(labels: torch.Tensor, num_clients: int, seed: int) -> list[
     """A user partitioner: only the first half of the data, dealt round-robin."""
     idx = torch.arange(len(labels) // 2)
     return [idx[c::num_clients] for c in range(num_clients)]
+
+
+class HalfStepStreaming(Strategy):
+    """The same rule in streaming form: one running sum instead of the round's rows."""
+
+    def __init__(self, step: float = 0.5) -> None:
+        self.step = step
+
+    def start_round(self, global_vector, round_idx, rows):
+        return HalfStepRound(global_vector, self.step)
+
+
+class HalfStepRound:
+    def __init__(self, global_vector, step):
+        self.x, self.step, self.mean = global_vector, step, RunningMean()
+
+    def add(self, client, delta):
+        self.mean.add(delta, client.num_samples)
+
+    def finish(self):
+        return self.x + self.step * self.mean.mean()
 
 
 class HalfStepFedAvg(Strategy):

@@ -9,7 +9,7 @@ import torch
 from fedtorch.client import ClientTrainer
 from fedtorch.client_state import ClientStateStore
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientResult, ClientTask, RoundResults
+from fedtorch.results import ClientResult, ClientTask, RoundResults, resolve
 from fedtorch.state import StateLayout
 from fedtorch.strategies import FedDyn, FedNova, RunContext, Scaffold
 from fedtorch.strategies.fednova import local_normalizer
@@ -39,7 +39,7 @@ def test_scaffold_round_by_hand():
     # Round 1: c = c_i = 0, so no correction yet.
     tasks = s.configure([0, 2], 1)
     assert [t.client_id for t in tasks] == [0, 2]
-    assert all(torch.equal(t.step_correction, torch.zeros(2)) for t in tasks)
+    assert all(torch.equal(resolve(t.step_correction), torch.zeros(2)) for t in tasks)
     x = torch.tensor([1.0, 1.0])
     r1 = results([0, 2], [[-0.4, 0.2], [0.2, 0.0]], [10, 30], [2, 4])
     x1 = s.aggregate(x, r1, 1)
@@ -52,8 +52,8 @@ def test_scaffold_round_by_hand():
     assert torch.allclose(s.c, torch.tensor([0.375, -0.25]))
     # Round 2: client 0's correction is c - c_0, client 1 (never sampled) gets c - 0.
     t0, t1 = s.configure([0, 1], 2)
-    assert torch.allclose(t0.step_correction, torch.tensor([0.375 - 2.0, -0.25 + 1.0]))
-    assert torch.allclose(t1.step_correction, torch.tensor([0.375, -0.25]))
+    assert torch.allclose(resolve(t0.step_correction), torch.tensor([0.375 - 2.0, -0.25 + 1.0]))
+    assert torch.allclose(resolve(t1.step_correction), torch.tensor([0.375, -0.25]))
     # c_1+ = 0 - c - [0.1, 0.1] / (1 * 0.1) = [-1.375, -0.75]
     s.aggregate(x1, results([1], [[0.1, 0.1]], [5], [1]), 2)
     assert torch.allclose(s.store.get(1), torch.tensor([-1.375, -0.75]))
@@ -88,7 +88,7 @@ def test_feddyn_round_by_hand():
     s = FedDyn(alpha=0.5)
     s.bind(context(num_clients=4))
     tasks = s.configure([0, 1], 1)
-    assert all(t.prox_mu == 0.5 and torch.equal(t.correction, torch.zeros(2)) for t in tasks)
+    assert all(t.prox_mu == 0.5 and torch.equal(resolve(t.correction), torch.zeros(2)) for t in tasks)
     x = torch.tensor([1.0, 2.0])
     r = results([0, 1], [[2.0, 0.0], [0.0, -4.0]], [1, 1], [1, 1])
     x1 = s.aggregate(x, r, 1)
@@ -99,7 +99,7 @@ def test_feddyn_round_by_hand():
     assert torch.allclose(s.h, torch.tensor([-0.25, 0.5]))
     assert torch.allclose(x1, torch.tensor([2.5, -1.0]))
     # Round 2: client 0's correction is -g_0.
-    assert torch.allclose(s.configure([0], 2)[0].correction, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(resolve(s.configure([0], 2)[0].correction), torch.tensor([1.0, 0.0]))
 
 
 def test_correction_and_prox_terms_in_local_training():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedtorch.errors import ConfigError, FedtorchError
+from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult, RoundResults
 from fedtorch.strategies import Bulyan, CoordinateMedian, Krum, RunContext, TrimmedMean
 from fedtorch.strategies import aggregate as agg
@@ -84,3 +85,56 @@ def test_bounds_checked_before_training_and_at_aggregation():
         Krum(num_byzantine=1).aggregate(torch.zeros(2), round_of(U[:4]), 3)
     with pytest.raises(ConfigError, match="^strategy.beta:"):
         TrimmedMean(beta=0.5)
+
+
+def test_bulyan_does_not_depend_on_where_the_outlier_sits_in_the_cohort():
+    """f = 1: the last Krum pick sees 2f + 1 = 3 updates and K - f - 2 = 0 neighbours.
+    Scoring over no neighbours made every score 0, so the first remaining row won: 3.333
+    with the outlier first, 3.0 with it last. The nearest neighbour is used there."""
+    honest = [1.0, 2.0, 3.0, 4.0, 5.0, 7.0]
+    # Picks 3, 2, 5, 1 (ties go to the earlier client), then of {100, 4, 7} by nearest
+    # neighbour 4 (9 vs 93^2); selected {1, 2, 3, 4, 5}: median 3, closest {2, 3, 4} -> 3.
+    for position in range(7):
+        u = torch.tensor([[v] for v in honest[:position] + [100.0] + honest[position:]])
+        assert torch.equal(agg.bulyan(u, 1), torch.tensor([3.0])), position
+        assert torch.equal(Bulyan(1).aggregate(torch.zeros(1), round_of(u), 1), torch.tensor([3.0]))
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [CoordinateMedian(), TrimmedMean(beta=0.2), Krum(1, 2), Bulyan(1)],
+    ids=["median", "trimmed_mean", "multi_krum", "bulyan"],
+)
+def test_rules_over_spilled_rows_equal_the_in_memory_rule(strategy, tmp_path):
+    """Past the memory budget the rows go to a file and the rules read them back in column
+    blocks; the result equals the rule on the in-memory matrix."""
+    gen = torch.Generator().manual_seed(0)
+    deltas = torch.randn(9, 1000, generator=gen)
+    deltas[0] += 30  # an outlier
+    x = torch.randn(1000, generator=gen)
+    expected = strategy.aggregate(x, round_of(deltas), 1)
+    budget = 9 * 1000 * 4 // 3  # a third of the matrix: blocks of 1000 / 12 columns
+    rows = RowStore(9, 1000, budget, tmp_path)
+    assert rows.spilled
+    aggregator = strategy.start_round(x, 1, rows)
+    for i, row in enumerate(deltas):
+        aggregator.add(ClientResult(i, 1), row.clone())
+    assert (tmp_path / "rows.bin").stat().st_size == deltas.numel() * 4
+    out = aggregator.finish()
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not (tmp_path / "rows.bin").exists()  # the spill file goes with the round
+
+
+def test_row_store_blocks_stay_within_the_budget(tmp_path):
+    rows = RowStore(4, 10_000, 4 * 10_000, tmp_path)  # budget: a quarter of the rows
+    data = torch.arange(40_000.0).view(4, 10_000)
+    for row in data:
+        rows.append(row)
+    blocks = list(rows.column_blocks())
+    assert all(b.numel() * 4 * 4 <= 4 * 10_000 for _, b in blocks)  # with 4x for temporaries
+    assert torch.equal(torch.cat([b.clone() for _, b in rows.column_blocks()], dim=1), data)
+    assert torch.equal(rows.matrix(), data)
+    assert torch.equal(rows.mean_of([1, 3]), data[[1, 3]].mean(0))
+    gram, sq = rows.gram()
+    assert torch.allclose(gram, data.double() @ data.double().T)
+    rows.close()

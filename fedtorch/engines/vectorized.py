@@ -12,9 +12,12 @@ Clients differ in size, so in batch counts and in the size of the last batch of 
 
 * a batch smaller than B is padded and masked: the loss is the mean over the real samples
   only, which gives the same gradient as the unpadded batch;
-* clients are sorted into cohorts by step count (most steps first), so the clients still
-  training are always a prefix of the cohort; when clients finish, their deltas are read
-  out and the stacked parameters and optimizer state shrink to the rest.
+* the round's clients are split into cohorts of consecutive clients (cohort order, a size
+  that does not depend on timing); inside a cohort they train sorted by step count (most
+  steps first), so the clients still training are always a prefix; when clients finish,
+  their deltas are read out and the stacked parameters and optimizer state shrink to the
+  rest. When a cohort is done its deltas go to the update pipeline in cohort order, so
+  the engine holds at most one cohort's deltas.
 
 Every client uses the same batch schedule as in the sequential engine (``trainer.schedule``),
 so results agree with it to float tolerance. Not supported (a ConfigError names
@@ -34,9 +37,10 @@ from tqdm.auto import tqdm
 
 from fedtorch import seeding
 from fedtorch.client import ClientTrainer
-from fedtorch.engines.sequential import delta_buffer, reject_nonfinite
+from fedtorch.engines.sequential import reusable_buffer
 from fedtorch.errors import ConfigError, FedtorchError
-from fedtorch.results import ClientFailure, ClientResult, ClientTask, RoundResults
+from fedtorch.pipeline.pipeline import UpdateSink
+from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
 
 _UNSUPPORTED_OPTIMIZERS = (torch.optim.LBFGS,)
 
@@ -134,50 +138,47 @@ class VectorizedEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
-    ) -> RoundResults:
-        """Run ``tasks``; row i of the deltas belongs to ``tasks[i]``'s client."""
+        sink: UpdateSink,
+    ) -> None:
+        """Run ``tasks`` cohort by cohort, handing the results to ``sink`` in task order."""
         self.check(trainer)
-        by_id = {t.client_id: t for t in tasks}
-        schedules = {
-            c: trainer.schedule(c, shards[c].to(trainer.device), round_idx, t.steps)
-            for c, t in by_id.items()
-        }
-        by_steps = sorted(schedules, key=lambda c: (-len(schedules[c][1]), c))
         size = self.cohort_size or self.auto_cohort_size(trainer)
-        cohorts = [by_steps[i : i + size] for i in range(0, len(by_steps), size)]
+        cohorts = [tasks[i : i + size] for i in range(0, len(tasks), size)]
         if self.verbose:
             cohorts = tqdm(cohorts, desc=f"round {round_idx} cohorts", leave=False)
-        self._deltas = delta_buffer(self._deltas, len(tasks), global_vector)
-        deltas = self._deltas[: len(tasks)]
-        position = {t.client_id: i for i, t in enumerate(tasks)}
-        results: dict[int, ClientResult] = {}
-        failures: list[ClientFailure] = []
         for cohort in cohorts:
+            schedules = {
+                t.client_id: trainer.schedule(
+                    t.client_id, shards[t.client_id].to(trainer.device), round_idx, t.steps
+                )
+                for t in cohort
+            }
+            order = sorted(
+                range(len(cohort)), key=lambda i: (-len(schedules[cohort[i].client_id][1]), i)
+            )
+            self._deltas = reusable_buffer(self._deltas, len(cohort), global_vector)
             try:
                 trained = self._train_cohort(
                     trainer,
-                    [by_id[c] for c in cohort],
+                    [cohort[i] for i in order],
                     schedules,
                     shards,
                     global_state,
                     global_vector,
                     round_idx,
-                    deltas,
-                    [position[c] for c in cohort],
+                    self._deltas,
+                    order,
                 )
             except FedtorchError:
                 raise
             except Exception as exc:  # the cohort trains as one computation: all fail
                 reason = f"{type(exc).__name__} in its cohort: {exc}"
-                failures += [ClientFailure(c, reason) for c in cohort]
+                for task in cohort:
+                    sink.fail(ClientFailure(task.client_id, reason))
                 continue
-            for result in trained:
-                results[result.client_id] = result
-        trained = [i for i, t in enumerate(tasks) if t.client_id in results]
-        if len(trained) < len(tasks):  # a cohort failed: keep the rows of the others
-            deltas = deltas.index_select(0, torch.tensor(trained, device=deltas.device))
-        clients = [results[tasks[i].client_id] for i in trained]
-        return reject_nonfinite(clients, deltas, failures)
+            results = {r.client_id: r for r in trained}
+            for i, task in enumerate(cohort):
+                sink.add(results[task.client_id], self._deltas[i])
 
     def _train_cohort(
         self,
@@ -335,7 +336,7 @@ class _GradientTerms:
             rows = torch.zeros(k, trainer.layout.size, dtype=trainer.layout.dtype, device=device)
             for i, v in enumerate(vectors):
                 if v is not None:
-                    rows[i] = v.to(device)
+                    rows[i] = resolve(v).to(device)
             return trainer.layout.split(rows, list(params))
 
         flips = [t.flip_labels for t in tasks]

@@ -205,33 +205,41 @@ class DifferentialPrivacy:
         after = self.accountant.epsilon_after(self.noise_multiplier, self.account_rate, self.delta)
         return after <= self.target_epsilon * (1 + 1e-9)
 
+    def privatize(self, update: torch.Tensor, client_id: int, round_idx: int) -> bool:
+        """One client's side, in place on its update [P]: clip to C; in local mode add its
+        noise. Returns whether the update was within C (adaptive clipping's bit)."""
+        norm = clip_rows(update[None, :], self.clip_norm)[0]
+        if self.mode == "local":
+            std = self.noise_multiplier * self.clip_norm
+            gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, client_id + 1)
+            noise = torch.randn(update.shape[0], generator=gen, dtype=update.dtype)
+            update.add_(noise.to(update.device), alpha=std)
+        return bool(norm <= self.clip_norm)
+
     def client_side(
         self, updates: torch.Tensor, client_ids: list[int], round_idx: int
     ) -> ClientReports:
-        """Clip each client's update to C (in place); in local mode add its noise."""
-        norms = clip_rows(updates, self.clip_norm)
-        if self.mode == "local":
-            std = self.noise_multiplier * self.clip_norm
-            for row, client in enumerate(client_ids):
-                gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, client + 1)
-                noise = torch.randn(updates.shape[1], generator=gen, dtype=updates.dtype)
-                updates[row].add_(noise.to(updates.device), alpha=std)
-        return ClientReports(updates, norms <= self.clip_norm)
+        """:meth:`privatize` every row of ``updates`` [K, P] (row i = ``client_ids[i]``)."""
+        unclipped = [
+            self.privatize(row, client, round_idx) for row, client in zip(updates, client_ids)
+        ]
+        return ClientReports(updates, torch.tensor(unclipped, dtype=torch.bool))
 
     def release(
         self, total: torch.Tensor, unclipped_count: float, round_idx: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The private mean from the sum of the clients' reports; accounts for the round.
 
-        Returns ``(mean [P], metrics)``.
+        ``total`` is overwritten (the mean is computed in its storage). Returns
+        ``(mean [P], metrics)``.
         """
         clip_used = self.clip_norm
         if self.mode == "central":
             std = self.update_noise_multiplier * self.clip_norm
             gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, 0)
             noise = torch.randn(total.shape, generator=gen, dtype=total.dtype)
-            total = total + noise.to(total.device) * std
-        mean = total / self.expected_clients
+            total = total.add_(noise.to(total.device), alpha=std)
+        mean = total.div_(self.expected_clients)
         if self.adaptive:
             gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, -1)
             noisy = (

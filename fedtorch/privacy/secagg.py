@@ -79,11 +79,33 @@ def reconstruct(shares: dict[int, int], threshold: int) -> int:
     return secret
 
 
-def prg(seed: int, round_idx: int, size: int, bits: int) -> torch.Tensor:
-    """A [size] int64 mask, uniform in [0, 2^bits), expanded from a shared seed."""
-    digest = hashlib.blake2b(f"{seed}:{round_idx}".encode(), digest_size=8).digest()
+# Masks are expanded block by block, each block from its own derived seed, so that a
+# client can mask (and the server add and unmask) one block at a time: neither side ever
+# holds a full-size int64 mask or masked vector, whatever the model size.
+PRG_BLOCK = 1 << 22
+
+
+def prg_block(seed: int, round_idx: int, block: int, size: int, bits: int) -> torch.Tensor:
+    """Block ``block`` of the mask expanded from ``seed``: [size] int64 in [0, 2^bits)."""
+    key = f"{seed}:{round_idx}:{block}".encode()
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
     return torch.randint(0, 2**bits, (size,), generator=gen, dtype=torch.int64)
+
+
+def blocks(size: int) -> list[tuple[int, slice]]:
+    """``(block index, slice)`` of a [size] vector, in PRG_BLOCK pieces."""
+    return [
+        (b, slice(start, min(start + PRG_BLOCK, size)))
+        for b, start in enumerate(range(0, size, PRG_BLOCK))
+    ]
+
+
+def prg(seed: int, round_idx: int, size: int, bits: int) -> torch.Tensor:
+    """A [size] int64 mask, uniform in [0, 2^bits), expanded from a shared seed."""
+    return torch.cat(
+        [prg_block(seed, round_idx, b, part.stop - part.start, bits) for b, part in blocks(size)]
+    )
 
 
 @dataclass
@@ -162,6 +184,11 @@ class SecureAggregation:
         self_seed = rng.getrandbits(126)
         return secret_key, self_seed, rng
 
+    def start_round(self, cohort: list[int], round_idx: int, size: int) -> MaskingRound:
+        """Key agreement and secret sharing for ``cohort``; then clients mask one by one
+        their [``size``] updates."""
+        return MaskingRound(self, list(cohort), round_idx, size)
+
     def mask(
         self, updates: torch.Tensor, client_ids: list[int], round_idx: int
     ) -> tuple[list[MaskedClient], dict[int, dict[str, dict[int, int]]], int]:
@@ -170,44 +197,29 @@ class SecureAggregation:
         Returns (masked messages, shares each client holds of each other's secrets as
         ``{holder: {"sk": {owner: share}, "b": {owner: share}}}``, clipped coordinates).
         """
-        k, size = len(client_ids), updates.shape[1]
-        scale = self.scale_for(k)
-        t = self.threshold_for(k)
-        keys = {c: self._keys(c, round_idx) for c in client_ids}
-        public = {c: pow(GENERATOR, keys[c][0], PRIME) for c in client_ids}
-        held: dict[int, dict[str, dict[int, int]]] = {c: {"sk": {}, "b": {}} for c in client_ids}
-        for owner in client_ids:
-            secret_key, self_seed, rng = keys[owner]
-            for name, secret in (("sk", secret_key), ("b", self_seed)):
-                for holder, value in share(secret, client_ids, t, rng).items():
-                    held[holder][name][owner] = value
-        r = self.value_range
-        clipped = int((updates.abs() > r).sum())
-        fixed = torch.round(updates.clamp(-r, r).double().cpu() * scale).to(torch.int64)
-        messages = []
-        for row, me in enumerate(client_ids):
-            y = (fixed[row] + prg(keys[me][1], round_idx, size, self.bits)) % self.modulus
-            for other in client_ids:
-                if other == me:
-                    continue
-                pair = pow(public[other], keys[me][0], PRIME)
-                mask = prg(pair, round_idx, size, self.bits)
-                y = (y + mask) % self.modulus if other > me else (y - mask) % self.modulus
-            messages.append(MaskedClient(me, public[me], y))
-        return messages, held, clipped
+        round_ = self.start_round(client_ids, round_idx, updates.shape[1])
+        messages = [round_.mask(c, row) for c, row in zip(client_ids, updates)]
+        return messages, round_.held, round_.clipped
+
+    def delivers(self, client_id: int, round_idx: int) -> bool:
+        """Whether the client delivers its masked input (it drops with ``dropout``)."""
+        if not self.dropout:
+            return True
+        gen = seeding.generator(self.seed, seeding.SECAGG, round_idx, client_id, 1)
+        return float(torch.rand(1, generator=gen)) >= self.dropout
 
     def survivors(self, client_ids: list[int], round_idx: int) -> list[int]:
         """Clients that deliver their masked input (each drops with ``dropout``)."""
-        if not self.dropout:
-            return list(client_ids)
-        kept = []
-        for c in client_ids:
-            gen = seeding.generator(self.seed, seeding.SECAGG, round_idx, c, 1)
-            if float(torch.rand(1, generator=gen)) >= self.dropout:
-                kept.append(c)
-        return kept
+        return [c for c in client_ids if self.delivers(c, round_idx)]
 
     # Server side ---------------------------------------------------------------------
+
+    def ring_sum(self, messages: list[MaskedClient], size: int) -> torch.Tensor:
+        """The sum mod 2^bits of the masked inputs [P] (int64)."""
+        total = torch.zeros(size, dtype=torch.int64)
+        for m in messages:
+            total.add_(m.masked).remainder_(self.modulus)
+        return total
 
     def unmask_sum(
         self,
@@ -225,27 +237,144 @@ class SecureAggregation:
         Raises:
             SecAggError: fewer survivors than the threshold.
         """
+        by_id = {m.client_id: m for m in messages}
+        size = messages[0].masked.numel()
+        total = self.ring_sum([by_id[c] for c in delivered], size)
+        public = {m.client_id: m.public_key for m in messages}
+        return self.unmask_total(total, cohort, delivered, public, shares_from, round_idx)
+
+    def unmask_total(
+        self,
+        total: torch.Tensor,
+        cohort: list[int],
+        delivered: list[int],
+        public_keys: dict[int, int],
+        shares_from: dict[int, dict[str, dict[int, int]]],
+        round_idx: int,
+    ) -> torch.Tensor:
+        """Remove the masks from the ring sum ``total`` of the delivered inputs; the sum of
+        their inputs [P] (float64).
+
+        ``total`` is overwritten. The masks are removed block by block (see PRG_BLOCK).
+
+        Raises:
+            SecAggError: fewer survivors than the threshold.
+        """
         t = self.threshold_for(len(cohort))
         if len(delivered) < t:
             raise SecAggError(
                 f"round {round_idx}: secure aggregation cannot unmask: {len(delivered)} of "
                 f"{len(cohort)} clients delivered, threshold {t}"
             )
-        by_id = {m.client_id: m for m in messages}
-        size = messages[0].masked.numel()
-        total = torch.zeros(size, dtype=torch.int64)
-        for c in delivered:
-            total = (total + by_id[c].masked) % self.modulus
         helpers = delivered[:t]
-        for c in delivered:  # remove self masks
-            self_seed = reconstruct({h: shares_from[h]["b"][c] for h in helpers}, t)
-            total = (total - prg(self_seed, round_idx, size, self.bits)) % self.modulus
-        for d in (c for c in cohort if c not in delivered):  # masks the dropped left behind
+        self_seeds = [
+            reconstruct({h: shares_from[h]["b"][c] for h in helpers}, t) for c in delivered
+        ]
+        delivered_set = set(delivered)
+        pair_seeds = []  # (seed, sign to add) of the masks the dropped left in the sum
+        for d in (c for c in cohort if c not in delivered_set):
             secret_key = reconstruct({h: shares_from[h]["sk"][d] for h in helpers}, t)
             for c in delivered:
-                pair = pow(by_id[c].public_key, secret_key, PRIME)
-                mask = prg(pair, round_idx, size, self.bits)
                 # c added +mask if d > c, -mask if d < c: undo it
-                total = (total - mask) % self.modulus if d > c else (total + mask) % self.modulus
+                pair_seeds.append((pow(public_keys[c], secret_key, PRIME), -1 if d > c else 1))
+        for b, part in blocks(total.numel()):
+            view, n = total[part], part.stop - part.start
+            # Reduce after every mask: with 62 bits, two unreduced masks overflow int64.
+            for self_seed in self_seeds:
+                view.sub_(prg_block(self_seed, round_idx, b, n, self.bits)).remainder_(self.modulus)
+            for pair, sign in pair_seeds:
+                mask = prg_block(pair, round_idx, b, n, self.bits)
+                view.add_(mask, alpha=sign).remainder_(self.modulus)
         signed = torch.where(total >= self.modulus // 2, total - self.modulus, total)
         return signed.double() / self.scale_for(len(cohort))
+
+
+class MaskingRound:
+    """One round of the protocol for a fixed cohort, run one client at a time.
+
+    Key agreement and secret sharing happen for the whole cohort up front (only integers);
+    then each client masks its update as it finishes training (:meth:`mask`) and the
+    server adds the delivered masked vectors to a running ring sum (:meth:`deliver`), so
+    the server holds one [P] vector whatever the cohort size. A cohort member that never
+    delivers (its training failed, or it dropped out after masking) is handled by the
+    protocol's recovery: its pair masks are removed from the survivors' sum.
+    """
+
+    def __init__(
+        self, agg: SecureAggregation, cohort: list[int], round_idx: int, size: int
+    ) -> None:
+        self.agg, self.cohort, self.round_idx, self.size = agg, cohort, round_idx, size
+        self.scale = agg.scale_for(len(cohort))
+        t = agg.threshold_for(len(cohort))
+        self.keys = {c: agg._keys(c, round_idx) for c in cohort}
+        self.public = {c: pow(GENERATOR, self.keys[c][0], PRIME) for c in cohort}
+        self.held: dict[int, dict[str, dict[int, int]]] = {c: {"sk": {}, "b": {}} for c in cohort}
+        for owner in cohort:
+            secret_key, self_seed, rng = self.keys[owner]
+            for name, secret in (("sk", secret_key), ("b", self_seed)):
+                for holder, value in share(secret, cohort, t, rng).items():
+                    self.held[holder][name][owner] = value
+        self.clipped = 0
+        self.masked = 0
+        self.total: torch.Tensor | None = None
+        self.delivered: list[int] = []
+
+    def mask(self, client_id: int, update: torch.Tensor) -> MaskedClient:
+        """Client ``client_id``'s whole masked message (what the server would receive)."""
+        self._count(update)
+        parts = [self._masked_block(client_id, update, b, part) for b, part in blocks(len(update))]
+        return MaskedClient(client_id, self.public[client_id], torch.cat(parts))
+
+    def deliver(self, message: MaskedClient) -> None:
+        """The server receives a masked message, unless its client drops out after masking."""
+        if not self.agg.delivers(message.client_id, self.round_idx):
+            return
+        self._add(message.masked, slice(0, len(message.masked)))
+        self.delivered.append(message.client_id)
+
+    def submit(self, client_id: int, update: torch.Tensor) -> None:
+        """:meth:`mask` and :meth:`deliver` block by block: the client masks a block and the
+        server adds it at once, so no full-size masked vector ever exists."""
+        self._count(update)
+        if not self.agg.delivers(client_id, self.round_idx):
+            return
+        for b, part in blocks(len(update)):
+            self._add(self._masked_block(client_id, update, b, part), part)
+        self.delivered.append(client_id)
+
+    def _count(self, update: torch.Tensor) -> None:
+        self.masked += 1
+        r = self.agg.value_range
+        self.clipped += sum(int((update[part].abs() > r).sum()) for _, part in blocks(len(update)))
+
+    def _masked_block(
+        self, client_id: int, update: torch.Tensor, block: int, part: slice
+    ) -> torch.Tensor:
+        """Block ``block`` of the client's input: clipped to [-R, R], in fixed point, plus
+        its self mask and its pair masks (+ for higher ids, - for lower), mod 2^bits."""
+        agg, r, n = self.agg, self.agg.value_range, part.stop - part.start
+        y = torch.round(update[part].clamp(-r, r).double().cpu() * self.scale).to(torch.int64)
+        secret_key, self_seed, _ = self.keys[client_id]
+        y.add_(prg_block(self_seed, self.round_idx, block, n, agg.bits)).remainder_(agg.modulus)
+        for other in self.cohort:
+            if other == client_id:
+                continue
+            pair = pow(self.public[other], secret_key, PRIME)
+            mask = prg_block(pair, self.round_idx, block, n, agg.bits)
+            y.add_(mask, alpha=1 if other > client_id else -1).remainder_(agg.modulus)
+        return y
+
+    def _add(self, masked: torch.Tensor, part: slice) -> None:
+        if self.total is None:
+            self.total = torch.zeros(self.size, dtype=torch.int64)
+        view = self.total[part]
+        view.add_(masked).remainder_(self.agg.modulus)
+
+    def unmask(self) -> torch.Tensor:
+        """The sum of the delivered inputs [P] (float64); see
+        :meth:`SecureAggregation.unmask_total`."""
+        total = self.total if self.total is not None else torch.zeros(self.size, dtype=torch.int64)
+        shares = {h: self.held[h] for h in self.delivered}
+        return self.agg.unmask_total(
+            total, self.cohort, self.delivered, self.public, shares, self.round_idx
+        )

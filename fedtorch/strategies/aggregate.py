@@ -45,20 +45,48 @@ def trimmed_mean(updates: torch.Tensor, beta: float) -> torch.Tensor:
 def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
     """[K, K] squared Euclidean distances, computed in float64 from the Gram matrix."""
     u = updates.double()
-    sq = (u * u).sum(dim=1)
-    return (sq[:, None] + sq[None, :] - 2 * u @ u.T).clamp_min(0)
+    return distances_from_gram(u @ u.T, (u * u).sum(dim=1))
+
+
+def distances_from_gram(gram: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """[K, K] squared distances ||u_i||^2 + ||u_j||^2 - 2 <u_i, u_j>, floored at 0."""
+    return (sq_norms[:, None] + sq_norms[None, :] - 2 * gram).clamp_min(0)
 
 
 def krum_scores(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
-    """Krum score of each update (Blanchard et al. 2017): the sum of squared distances to
-    its K - f - 2 nearest other updates. Returns [K] (float64)."""
-    k = updates.shape[0]
-    neighbours = k - num_byzantine - 2
-    dist = pairwise_sq_distances(updates)
-    dist.fill_diagonal_(float("inf"))
-    if neighbours <= 0:
-        return torch.zeros(k, dtype=torch.float64, device=updates.device)
+    """Krum score of each update (Blanchard et al. 2017). Returns [K] (float64)."""
+    return krum_scores_from_distances(pairwise_sq_distances(updates), num_byzantine)
+
+
+def krum_scores_from_distances(distances: torch.Tensor, num_byzantine: int) -> torch.Tensor:
+    """Krum scores from the [K, K] squared distances: the sum of each update's squared
+    distances to its K - f - 2 nearest other updates.
+
+    Krum itself needs K > 2f + 2, so K - f - 2 >= 1. Bulyan's later picks run Krum on
+    fewer updates, down to 2f + 1, where K - f - 2 can reach 0; a score over no neighbours
+    would be 0 for every update and the pick would fall to whichever update comes first in
+    the cohort. There the nearest neighbour is used (max(1, K - f - 2) neighbours), so the
+    pick still prefers updates that sit close to another one. (Equal scores go to the
+    lower index, as ``argmin``/``argsort`` break ties.)
+    """
+    k = distances.shape[0]
+    if k < 2:
+        return torch.zeros(k, dtype=torch.float64, device=distances.device)
+    neighbours = max(1, k - num_byzantine - 2)
+    dist = distances.clone().fill_diagonal_(float("inf"))
     return dist.topk(neighbours, dim=1, largest=False).values.sum(dim=1)
+
+
+def check_krum(k: int, num_byzantine: int) -> None:
+    """ValueError unless Krum's bound K > 2f + 2 holds."""
+    if k <= 2 * num_byzantine + 2:
+        raise ValueError(f"Krum needs more than 2f + 2 = {2 * num_byzantine + 2} updates, got {k}")
+
+
+def multi_krum_select(distances: torch.Tensor, num_byzantine: int, num_selected: int) -> list[int]:
+    """Indices of the ``num_selected`` updates with the lowest Krum scores."""
+    scores = krum_scores_from_distances(distances, num_byzantine)
+    return scores.argsort()[:num_selected].tolist()
 
 
 def multi_krum(updates: torch.Tensor, num_byzantine: int, num_selected: int) -> torch.Tensor:
@@ -66,11 +94,39 @@ def multi_krum(updates: torch.Tensor, num_byzantine: int, num_selected: int) -> 
 
     Requires K > 2f + 2. Returns [P].
     """
-    k = updates.shape[0]
-    if k <= 2 * num_byzantine + 2:
-        raise ValueError(f"Krum needs more than 2f + 2 = {2 * num_byzantine + 2} updates, got {k}")
-    chosen = krum_scores(updates, num_byzantine).argsort()[:num_selected]
+    check_krum(updates.shape[0], num_byzantine)
+    chosen = multi_krum_select(pairwise_sq_distances(updates), num_byzantine, num_selected)
     return updates[chosen].mean(dim=0)
+
+
+def check_bulyan(k: int, num_byzantine: int) -> None:
+    """ValueError unless Bulyan's bound K >= 4f + 3 holds."""
+    if k < 4 * num_byzantine + 3:
+        raise ValueError(f"Bulyan needs at least 4f + 3 = {4 * num_byzantine + 3} updates, got {k}")
+
+
+def bulyan_select(distances: torch.Tensor, num_byzantine: int) -> list[int]:
+    """Bulyan's step 1: theta = K - 2f picks by Krum, each pick removed before the next.
+
+    Krum runs on the remaining updates' distances (a sub-matrix of ``distances``).
+    Returns the picked indices in pick order.
+    """
+    k = distances.shape[0]
+    remaining, selected = list(range(k)), []
+    for _ in range(k - 2 * num_byzantine):
+        sub = distances[remaining][:, remaining]
+        scores = krum_scores_from_distances(sub, num_byzantine)
+        selected.append(remaining.pop(int(scores.argmin())))
+    return selected
+
+
+def bulyan_coordinates(chosen: torch.Tensor, num_byzantine: int) -> torch.Tensor:
+    """Bulyan's step 2 on the theta selected updates [theta, P]: per coordinate, the mean
+    of the beta = theta - 2f values closest to the coordinate's median. Returns [P]."""
+    beta = chosen.shape[0] - 2 * num_byzantine
+    median = coordinate_median(chosen)
+    closest = (chosen - median).abs().topk(beta, dim=0, largest=False).indices
+    return chosen.gather(0, closest).mean(dim=0)
 
 
 def bulyan(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
@@ -80,16 +136,6 @@ def bulyan(updates: torch.Tensor, num_byzantine: int) -> torch.Tensor:
     2. Per coordinate, average the beta = theta - 2f selected values closest to the
        selected values' median.
     """
-    k, f = updates.shape[0], num_byzantine
-    if k < 4 * f + 3:
-        raise ValueError(f"Bulyan needs at least 4f + 3 = {4 * f + 3} updates, got {k}")
-    theta, beta = k - 2 * f, k - 4 * f
-    remaining = list(range(k))
-    selected = []
-    for _ in range(theta):
-        scores = krum_scores(updates[remaining], f)
-        selected.append(remaining.pop(int(scores.argmin())))
-    chosen = updates[selected]
-    median = coordinate_median(chosen)
-    closest = (chosen - median).abs().topk(beta, dim=0, largest=False).indices
-    return chosen.gather(0, closest).mean(dim=0)
+    check_bulyan(updates.shape[0], num_byzantine)
+    selected = bulyan_select(pairwise_sq_distances(updates), num_byzantine)
+    return bulyan_coordinates(updates[selected], num_byzantine)

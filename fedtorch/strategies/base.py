@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientTask, RoundResults
+from fedtorch.strategies.streaming import Aggregator, RowCollector
 
 
 @dataclass
@@ -42,10 +44,23 @@ class Strategy:
     """Base class of aggregation strategies.
 
     A strategy sees only flat tensors: the global ``mean``-rule values [P] and the round's
-    client deltas [K, P] with their sample counts (see :mod:`fedtorch.state`). It returns
-    the new global vector. Subclasses implement :meth:`aggregate`; strategies with
-    client-side terms (SCAFFOLD, FedDyn) also override :meth:`configure`; stateful ones
-    (server optimisers, control variates) keep their state on ``self``.
+    client deltas [P] with their sample counts (see :mod:`fedtorch.state`). It takes a
+    round's updates in one of two forms:
+
+    * streaming: :meth:`start_round` returns an :class:`~fedtorch.strategies.streaming.
+      Aggregator` that receives each client's delta as the client finishes, in cohort
+      order, and keeps running sums (every mean-based rule: memory independent of the
+      number of clients a round);
+    * rows: :meth:`aggregate` receives the round's [K, P] delta matrix at once (rules
+      that compare updates, and the simplest way to write a plug-in strategy). This is the
+      default: a subclass that only implements :meth:`aggregate` gets every row, kept in
+      memory or spilled to the run folder past ``aggregation.memory_budget_mb``.
+
+    A streaming strategy's :meth:`aggregate` streams the matrix's rows through its own
+    :meth:`start_round`, so both forms always agree. Strategies with client-side terms
+    (SCAFFOLD, FedDyn) also override :meth:`configure`; stateful ones (server optimisers,
+    control variates) keep their state on ``self`` and change it only in
+    :meth:`Aggregator.finish`, so an interrupted round leaves no trace.
 
     A plug-in strategy is a subclass selected with ``strategy._target_=pkg.MyStrategy``.
 
@@ -66,10 +81,36 @@ class Strategy:
         """The round's tasks, one per sampled client in cohort order (default: plain)."""
         return [ClientTask(client_id=int(c)) for c in cohort]
 
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> Aggregator:
+        """The aggregator of this round's updates.
+
+        ``rows`` is an empty store the round's updates fit in; the default keeps every row
+        there and calls :meth:`aggregate` over them when the round finishes.
+        """
+        if type(self).aggregate is Strategy.aggregate:
+            raise NotImplementedError(
+                f"{type(self).__name__} must implement aggregate() or start_round()"
+            )
+
+        def finish(clients, store: RowStore) -> torch.Tensor:
+            return self.aggregate(global_vector, RoundResults(clients, store.matrix()), round_idx)
+
+        return RowCollector(rows, finish)
+
     def aggregate(
         self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """The new global vector from the round's [K, P] deltas (``results.deltas``).
+
+        Streaming strategies need not implement it: the rows are fed through
+        :meth:`start_round` one by one.
+        """
+        aggregator = self.start_round(global_vector, round_idx, RowStore.of(results.deltas))
+        for client, delta in zip(results.clients, results.deltas):
+            aggregator.add(client, delta)
+        return aggregator.finish()
 
     def state_dict(self) -> dict:
         """Everything the next round depends on (tensors, numbers, dicts), for checkpoints."""

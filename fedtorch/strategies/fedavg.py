@@ -12,24 +12,51 @@ from __future__ import annotations
 
 import torch
 
-from fedtorch.results import RoundResults
-from fedtorch.strategies.aggregate import weighted_average
+from fedtorch.pipeline.rows import RowStore
+from fedtorch.results import ClientResult
 from fedtorch.strategies.base import Strategy
+from fedtorch.strategies.streaming import RunningMean
 
 
 class FedAvg(Strategy):
-    """Sample-weighted (default) or uniform averaging of client models."""
+    """Sample-weighted (default) or uniform averaging of client models.
+
+    Streams: the round keeps one running sum [P]. Subclasses that step on the average
+    delta (FedAvgM, FedAdam, ...) override :meth:`server_step`; privacy and secure
+    aggregation release only that average and call :meth:`server_step` on it.
+    """
 
     def __init__(self, weighted: bool = True) -> None:
         self.weighted = weighted
 
-    def average_delta(self, results: RoundResults) -> torch.Tensor:
-        """The round's average client delta [P]: sample-weighted, or uniform."""
-        counts = results.sample_counts()
-        weights = counts if self.weighted else torch.ones_like(counts)
-        return weighted_average(results.deltas, weights)
+    def client_weight(self, client: ClientResult) -> float:
+        """The client's weight in the average: its sample count, or 1."""
+        return float(client.num_samples) if self.weighted else 1.0
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
+    def server_step(
+        self, global_vector: torch.Tensor, mean_delta: torch.Tensor, round_idx: int
     ) -> torch.Tensor:
-        return global_vector + self.average_delta(results)
+        """The new global vector from the round's average delta (may reuse its storage)."""
+        return mean_delta.add_(global_vector)
+
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> MeanAggregator:
+        return MeanAggregator(self, global_vector, round_idx)
+
+
+class MeanAggregator:
+    """A FedAvg-family round: the running weighted mean of the deltas, then the server step.
+
+    Subclasses add their own running sums (SCAFFOLD's control variates, FedDyn's state).
+    """
+
+    def __init__(self, strategy: FedAvg, global_vector: torch.Tensor, round_idx: int) -> None:
+        self.strategy, self.global_vector, self.round_idx = strategy, global_vector, round_idx
+        self.mean = RunningMean()
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        self.mean.add(delta, self.strategy.client_weight(client))
+
+    def finish(self) -> torch.Tensor:
+        return self.strategy.server_step(self.global_vector, self.mean.mean(), self.round_idx)

@@ -11,20 +11,25 @@ round t, with theta the global model, P the sampled clients and N all clients:
 
 Clients train with ``prox_mu = alpha`` and ``correction = -g_k`` (:class:`ClientTask`), so
 both engines run it. g_k and h cover trainable parameters only; buffers are averaged.
-The g_k live in a :class:`~fedtorch.client_state.ClientStateStore` (CPU or disk).
+The g_k live in a :class:`~fedtorch.client_state.ClientStateStore` (CPU or disk); each
+client's new g_k is staged as its update arrives and committed when the round finishes.
+The round's running sum of deltas gives both the uniform mean and the h update (the
+parameter mask only zeroes coordinates, so sum_k mask * d_k = mask * sum_k d_k exactly).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from fedtorch.client_state import ClientStateStore
-from fedtorch.results import ClientTask, RoundResults
+from fedtorch.pipeline.rows import RowStore
+from fedtorch.results import ClientResult, ClientTask
 from fedtorch.strategies.base import RunContext
 from fedtorch.strategies.checks import check_number
-from fedtorch.strategies.fedavg import FedAvg
+from fedtorch.strategies.fedavg import FedAvg, MeanAggregator
 
 
 class FedDyn(FedAvg):
@@ -50,21 +55,21 @@ class FedDyn(FedAvg):
 
     def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
         return [
-            ClientTask(client_id=int(c), prox_mu=self.alpha, correction=-self.store.get(int(c)))
+            ClientTask(
+                client_id=int(c), prox_mu=self.alpha, correction=partial(self._correction, int(c))
+            )
             for c in cohort
         ]
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
-    ) -> torch.Tensor:
-        delta_sum = torch.zeros_like(self.h)
-        for row, client in enumerate(results.clients):
-            delta = results.deltas[row].detach().to("cpu", torch.float32) * self.mask
-            self.store.set(client.client_id, self.store.get(client.client_id) - self.alpha * delta)
-            delta_sum += delta
-        self.h -= self.alpha / self.num_clients * delta_sum
-        correction = (self.h / self.alpha).to(global_vector.device, global_vector.dtype)
-        return global_vector + self.average_delta(results) - correction
+    def _correction(self, client_id: int) -> torch.Tensor:
+        """-g_k for one client."""
+        return -self.store.get(client_id)
+
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> _FedDynRound:
+        self.store.discard()
+        return _FedDynRound(self, global_vector, round_idx)
 
     def state_dict(self) -> dict:
         return {"h": self.h, "grad_k": self.store.state_dict()}
@@ -72,3 +77,23 @@ class FedDyn(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         self.h = state["h"].clone()
         self.store.load_state_dict(state["grad_k"])
+
+
+class _FedDynRound(MeanAggregator):
+    """The uniform mean of the deltas; each client's g_k <- g_k - alpha * delta staged."""
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        super().add(client, delta)
+        s = self.strategy
+        g_k = s.store.get(client.client_id)
+        g_k.addcmul_(delta.detach().to("cpu", torch.float32), s.mask, value=-s.alpha)
+        s.store.stage(client.client_id, g_k)
+
+    def finish(self) -> torch.Tensor:
+        s = self.strategy
+        delta_sum = self.mean.total.to("cpu", torch.float32)
+        s.h.addcmul_(delta_sum, s.mask, value=-s.alpha / s.num_clients)
+        correction = (s.h / s.alpha).to(self.global_vector.device, self.global_vector.dtype)
+        new = self.mean.mean().add_(self.global_vector).sub_(correction)
+        s.store.commit()
+        return new

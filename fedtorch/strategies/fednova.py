@@ -13,6 +13,9 @@ and rescales the average by the cohort's effective number of steps. With p_i = n
 For local SGD with momentum rho (PyTorch's form, buf <- rho buf + g), after tau_i steps
 a_i = sum_{j=1}^{tau_i} (1 - rho^j) / (1 - rho); without momentum a_i = tau_i. Weight
 decay counts as part of the gradient, as in the paper.
+
+Streaming: a round keeps the running mean of d_i weighted by p_i and the scalar sums of
+p_i and p_i a_i, so tau * sum_i p_i d_i = (sum w a / sum w) (sum w d / sum w).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from fedtorch.errors import ConfigError
-from fedtorch.results import RoundResults
-from fedtorch.strategies.aggregate import weighted_average
+from fedtorch.pipeline.rows import RowStore
+from fedtorch.results import ClientResult
 from fedtorch.strategies.base import RunContext, Strategy
 
 
@@ -31,15 +34,6 @@ def local_normalizer(steps: int, momentum: float = 0.0) -> float:
         return float(steps)
     rho = momentum
     return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
-
-
-def fednova_update(
-    deltas: torch.Tensor, weights: torch.Tensor, normalizers: torch.Tensor
-) -> torch.Tensor:
-    """tau_eff * sum_i p_i Delta_i / a_i with p = weights / sum(weights). Returns [P]."""
-    p = weights / weights.sum()
-    tau_eff = (p * normalizers).sum()
-    return tau_eff * weighted_average(deltas / normalizers[:, None], p)
 
 
 class FedNova(Strategy):
@@ -68,14 +62,33 @@ class FedNova(Strategy):
             raise ConfigError("client.prox_mu", "FedNova here assumes no proximal term; set 0")
         self.momentum = float(defaults.get("momentum", 0.0))
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
-    ) -> torch.Tensor:
-        counts = results.sample_counts()
-        weights = counts if self.weighted else torch.ones_like(counts)
-        normalizers = torch.tensor(
-            [local_normalizer(int(c.metrics["steps"]), self.momentum) for c in results.clients],
-            dtype=results.deltas.dtype,
-            device=results.deltas.device,
-        )
-        return global_vector + fednova_update(results.deltas, weights, normalizers)
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> _FedNovaRound:
+        return _FedNovaRound(self, global_vector)
+
+
+class _FedNovaRound:
+    """Running sums of (w_i / a_i) Delta_i, w_i and w_i a_i (w: sample count or 1)."""
+
+    def __init__(self, strategy: FedNova, global_vector: torch.Tensor) -> None:
+        self.strategy, self.global_vector = strategy, global_vector
+        self.normalized_sum: torch.Tensor | None = None
+        self.weight = 0.0
+        self.weighted_steps = 0.0
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        s = self.strategy
+        weight = float(client.num_samples) if s.weighted else 1.0
+        normalizer = local_normalizer(int(client.metrics["steps"]), s.momentum)
+        if self.normalized_sum is None:
+            self.normalized_sum = torch.zeros_like(delta)
+        self.normalized_sum.add_(delta, alpha=weight / normalizer)
+        self.weight += weight
+        self.weighted_steps += weight * normalizer
+
+    def finish(self) -> torch.Tensor:
+        if self.normalized_sum is None or not self.weight > 0:
+            raise ValueError("aggregation weights must sum to a positive number")
+        tau_eff = self.weighted_steps / self.weight
+        return self.normalized_sum.mul_(tau_eff / self.weight).add_(self.global_vector)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from fedtorch.results import RoundResults
 from fedtorch.strategies.checks import check_number as _check
 from fedtorch.strategies.fedavg import FedAvg
 from fedtorch.strategies.server_optimizers import adaptive_step, momentum_step
@@ -33,10 +32,9 @@ class FedAvgM(_ServerOptimizer):
         self.momentum = momentum
         self.buffer: torch.Tensor | None = None
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
+    def server_step(
+        self, global_vector: torch.Tensor, delta: torch.Tensor, round_idx: int
     ) -> torch.Tensor:
-        delta = self.average_delta(results)
         if self.buffer is None:
             self.buffer = torch.zeros_like(delta)
         self.buffer = self.buffer.to(delta.device)
@@ -72,10 +70,9 @@ class _Adaptive(_ServerOptimizer):
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
+    def server_step(
+        self, global_vector: torch.Tensor, delta: torch.Tensor, round_idx: int
     ) -> torch.Tensor:
-        delta = self.average_delta(results)
         if self.m is None:
             self.m = torch.zeros_like(delta)
             self.v = torch.full_like(delta, self.tau**2)

@@ -14,6 +14,10 @@ Numerics: F_k is floored at LOSS_FLOOR (a client the global model already fits e
 would otherwise give 0^(q-1) = inf, and 0 * inf = NaN for q = 0), and numerator and
 denominator are both divided by max_k F_k^q in float64, which leaves the step unchanged
 but keeps F_k^q from underflowing to 0 / 0 for large q.
+
+Streaming: a round keeps sum_k (F_k / top)^q Delta w_k in float64 for the running maximum
+``top`` of the losses seen so far, rescaled by (old top / new top)^q whenever a larger loss
+arrives, plus two scalars per client (F_k and ||Delta w_k||^2) for the denominator.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientTask, RoundResults
+from fedtorch.pipeline.rows import RowStore
+from fedtorch.results import ClientResult, ClientTask
 from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.checks import check_number
 
@@ -38,15 +43,10 @@ def qfedavg_step(
     lipschitz: float,
 ) -> torch.Tensor:
     """One q-FedAvg server update from the deltas [K, P] and initial losses [K]."""
-    grads = -lipschitz * deltas.double()  # Delta w_k
-    loss = losses.double().clamp_min(LOSS_FLOOR)
-    top = loss.max()
-    ratio = loss / top
-    weight = ratio.pow(q)  # F_k^q / top^q
-    numerator = (weight[:, None] * grads).sum(dim=0)
-    # q F_k^(q-1) / top^q = q (F_k / top)^(q-1) / top
-    h = q * ratio.pow(q - 1) / top * grads.pow(2).sum(dim=1) + lipschitz * weight
-    return global_vector - (numerator / h.sum()).to(global_vector.dtype)
+    round_ = QFedAvgRound(q, lipschitz, global_vector)
+    for delta, loss in zip(deltas, losses.tolist()):
+        round_.add_update(delta, loss)
+    return round_.finish()
 
 
 class QFedAvg(Strategy):
@@ -73,12 +73,43 @@ class QFedAvg(Strategy):
     def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
         return [ClientTask(client_id=int(c), initial_loss=True) for c in cohort]
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
-    ) -> torch.Tensor:
-        losses = torch.tensor(
-            [c.metrics["initial_loss"] for c in results.clients],
-            dtype=results.deltas.dtype,
-            device=results.deltas.device,
-        )
-        return qfedavg_step(global_vector, results.deltas, losses, self.q, self.lipschitz)
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> QFedAvgRound:
+        return QFedAvgRound(self.q, self.lipschitz, global_vector)
+
+
+class QFedAvgRound:
+    """The numerator sum, rescaled to the running top loss, and per-client scalars."""
+
+    def __init__(self, q: float, lipschitz: float, global_vector: torch.Tensor) -> None:
+        self.q, self.lipschitz = q, lipschitz
+        self.global_vector = global_vector
+        self.numerator: torch.Tensor | None = None
+        self.top = 0.0
+        self.losses: list[float] = []
+        self.grad_sq_norms: list[float] = []
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        self.add_update(delta, float(client.metrics["initial_loss"]))
+
+    def add_update(self, delta: torch.Tensor, initial_loss: float) -> None:
+        """Take Delta_k = delta [P] of a client whose initial loss F_k is ``initial_loss``."""
+        loss = max(initial_loss, LOSS_FLOOR)
+        grad = delta.double().mul_(-self.lipschitz)  # Delta w_k
+        if self.numerator is None:
+            self.numerator = torch.zeros_like(grad)
+        if loss > self.top:
+            if self.top > 0:
+                self.numerator.mul_((self.top / loss) ** self.q)
+            self.top = loss
+        self.numerator.add_(grad, alpha=(loss / self.top) ** self.q)
+        self.losses.append(loss)
+        self.grad_sq_norms.append(float(grad.pow(2).sum()))
+
+    def finish(self) -> torch.Tensor:
+        ratio = torch.tensor(self.losses, dtype=torch.float64) / self.top
+        sq = torch.tensor(self.grad_sq_norms, dtype=torch.float64)
+        h = self.q * ratio.pow(self.q - 1) / self.top * sq + self.lipschitz * ratio.pow(self.q)
+        step = self.numerator.div_(h.sum()).to(self.global_vector.dtype)
+        return step.to(self.global_vector.device).neg_().add_(self.global_vector)

@@ -22,20 +22,27 @@ Control variates cover trainable parameters only (buffers keep c = 0). The c_i a
 per client in a :class:`~fedtorch.client_state.ClientStateStore` (CPU memory, or a
 memory-mapped file in the run folder with ``client_state=disk``), never on the device.
 Each client downloads c and uploads c_i+ - c_i besides the model: twice FedAvg's traffic.
+
+Streaming: a round keeps two running sums [P] (the deltas' mean and sum_i (c_i+ - c_i));
+each client's c_i+ is staged in the store as its update arrives and committed when the
+round finishes. A task's correction c - c_i is computed when the client starts training,
+so a round's tasks hold no [K, P] block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
 from fedtorch.client_state import ClientStateStore
 from fedtorch.errors import ConfigError
-from fedtorch.results import ClientTask, RoundResults
+from fedtorch.pipeline.rows import RowStore
+from fedtorch.results import ClientResult, ClientTask
 from fedtorch.strategies.base import RunContext
 from fedtorch.strategies.checks import check_number
-from fedtorch.strategies.fedavg import FedAvg
+from fedtorch.strategies.fedavg import FedAvg, MeanAggregator
 
 
 def control_variate_update(
@@ -89,24 +96,24 @@ class Scaffold(FedAvg):
     def configure(self, cohort: Sequence[int], round_idx: int) -> list[ClientTask]:
         field = "step_correction" if self.correction == "step" else "correction"
         return [
-            ClientTask(client_id=int(c), **{field: self.c - self.store.get(int(c))}) for c in cohort
+            ClientTask(client_id=int(c), **{field: partial(self._correction, int(c))})
+            for c in cohort
         ]
 
-    def aggregate(
-        self, global_vector: torch.Tensor, results: RoundResults, round_idx: int
+    def _correction(self, client_id: int) -> torch.Tensor:
+        """c - c_i for one client."""
+        return self.store.get(client_id).neg_().add_(self.c)
+
+    def start_round(
+        self, global_vector: torch.Tensor, round_idx: int, rows: RowStore
+    ) -> _ScaffoldRound:
+        self.store.discard()
+        return _ScaffoldRound(self, global_vector, round_idx)
+
+    def server_step(
+        self, global_vector: torch.Tensor, mean_delta: torch.Tensor, round_idx: int
     ) -> torch.Tensor:
-        delta_c_sum = torch.zeros_like(self.c)
-        for row, client in enumerate(results.clients):
-            c_i = self.store.get(client.client_id)
-            delta = results.deltas[row].detach().to("cpu", torch.float32)
-            c_new = control_variate_update(
-                c_i, self.c, delta, int(client.metrics["steps"]), self.local_lr
-            )
-            c_new *= self.mask
-            delta_c_sum += c_new - c_i
-            self.store.set(client.client_id, c_new)
-        self.c += delta_c_sum / self.num_clients
-        return global_vector + self.server_lr * self.average_delta(results)
+        return mean_delta.mul_(self.server_lr).add_(global_vector)
 
     def state_dict(self) -> dict:
         return {"c": self.c, "c_i": self.store.state_dict()}
@@ -114,3 +121,29 @@ class Scaffold(FedAvg):
     def load_state_dict(self, state: dict) -> None:
         self.c = state["c"].clone()
         self.store.load_state_dict(state["c_i"])
+
+
+class _ScaffoldRound(MeanAggregator):
+    """The mean delta, plus sum_i (c_i+ - c_i); each c_i+ staged as it is computed."""
+
+    def __init__(self, strategy: Scaffold, global_vector: torch.Tensor, round_idx: int) -> None:
+        super().__init__(strategy, global_vector, round_idx)
+        self.delta_c_sum = torch.zeros_like(strategy.c)
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        super().add(client, delta)
+        s = self.strategy
+        # c_i+ - c_i = mask * (-c - delta / (K_i lr)), since c_i is zero off the mask; worked
+        # in place so a client costs two [P] temporaries (the difference and c_i).
+        steps = int(client.metrics["steps"])
+        change = delta.detach().to("cpu", torch.float32).mul(-1.0 / (steps * s.local_lr))
+        change.sub_(s.c).mul_(s.mask)
+        self.delta_c_sum += change
+        s.store.stage(client.client_id, change.add_(s.store.get(client.client_id)))
+
+    def finish(self) -> torch.Tensor:
+        new = super().finish()
+        s = self.strategy
+        s.c += self.delta_c_sum / s.num_clients
+        s.store.commit()
+        return new

@@ -24,9 +24,13 @@ ADAPTIVE_KINDS = ("adagrad", "adam", "yogi")
 def momentum_step(
     x: torch.Tensor, delta: torch.Tensor, buffer: torch.Tensor, lr: float, momentum: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FedAvgM: returns (new x, new momentum buffer)."""
-    buffer = momentum * buffer + delta
-    return x + lr * buffer, buffer
+    """FedAvgM: returns (new x, new momentum buffer).
+
+    Works in place: ``buffer`` is updated and ``delta``'s storage holds the new x, so a
+    server step of a large model allocates nothing.
+    """
+    buffer.mul_(momentum).add_(delta)
+    return torch.mul(buffer, lr, out=delta).add_(x), buffer
 
 
 def adaptive_step(
@@ -40,15 +44,20 @@ def adaptive_step(
     beta2: float,
     tau: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FedAdagrad / FedAdam / FedYogi: returns (new x, new m, new v)."""
+    """FedAdagrad / FedAdam / FedYogi: returns (new x, new m, new v).
+
+    Works in place: ``m`` and ``v`` are updated and ``delta``'s storage holds the new x
+    (FedYogi needs one [P] temporary), so the step costs no copies of the model.
+    """
     if kind not in ADAPTIVE_KINDS:
         raise ValueError(f"kind must be one of {ADAPTIVE_KINDS}, got {kind!r}")
-    m = beta1 * m + (1 - beta1) * delta
-    sq = delta * delta
+    m.mul_(beta1).add_(delta, alpha=1 - beta1)
+    sq = delta.mul_(delta)
     if kind == "adagrad":
-        v = v + sq
+        v.add_(sq)
     elif kind == "adam":
-        v = beta2 * v + (1 - beta2) * sq
+        v.mul_(beta2).add_(sq, alpha=1 - beta2)
     else:
-        v = v - (1 - beta2) * sq * torch.sign(v - sq)
-    return x + lr * m / (v.sqrt() + tau), m, v
+        v.sub_(torch.sub(v, sq).sign_().mul_(sq), alpha=1 - beta2)
+    denominator = torch.sqrt(v, out=sq).add_(tau)
+    return torch.div(m, denominator, out=sq).mul_(lr).add_(x), m, v
