@@ -11,6 +11,7 @@ The patches live here, in the test suite; fedtorch has no kill hooks.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
@@ -52,16 +53,19 @@ def arm(when: str) -> None:
 
         ClientTrainer.train = train_then_die
     elif kind == "checkpoint-write":
-        original_write = checkpoint.atomic_write_bytes
+        original_write = checkpoint.atomic_write
 
-        def write_half_then_die(path, payload):
+        def write_half_then_die(path, write):
             if Path(path).name == f"round_{target:06d}.pt":
+                buffer = io.BytesIO()
+                write(buffer)
+                payload = buffer.getvalue()
                 partial = Path(path).with_name(f".{Path(path).name}.partial.tmp")
                 partial.write_bytes(payload[: len(payload) // 2])
                 die()
-            original_write(path, payload)
+            original_write(path, write)
 
-        checkpoint.atomic_write_bytes = write_half_then_die
+        checkpoint.atomic_write = write_half_then_die
     else:
         raise SystemExit(f"unknown WHEN {when!r}")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedtorch.errors import ConfigError, FedtorchError
-from fedtorch.pipeline.rows import RowStore
+from fedtorch.pipeline.rows import BLOCK_OVERHEAD, RowStore
 from fedtorch.results import ClientResult, RoundResults
 from fedtorch.strategies import Bulyan, CoordinateMedian, Krum, RunContext, TrimmedMean
 from fedtorch.strategies import aggregate as agg
@@ -126,15 +126,31 @@ def test_rules_over_spilled_rows_equal_the_in_memory_rule(strategy, tmp_path):
 
 
 def test_row_store_blocks_stay_within_the_budget(tmp_path):
-    rows = RowStore(4, 10_000, 4 * 10_000, tmp_path)  # budget: a quarter of the rows
+    budget = 4 * 10_000 * 2  # half the rows' bytes: they spill
+    rows = RowStore(4, 10_000, budget, tmp_path)
     data = torch.arange(40_000.0).view(4, 10_000)
     for row in data:
         rows.append(row)
     blocks = list(rows.column_blocks())
-    assert all(b.numel() * 4 * 4 <= 4 * 10_000 for _, b in blocks)  # with 4x for temporaries
+    assert len(blocks) > 1
+    assert all(b.numel() * 4 * BLOCK_OVERHEAD <= budget for _, b in blocks)
     assert torch.equal(torch.cat([b.clone() for _, b in rows.column_blocks()], dim=1), data)
     assert torch.equal(rows.matrix(), data)
     assert torch.equal(rows.mean_of([1, 3]), data[[1, 3]].mean(0))
     gram, sq = rows.gram()
     assert torch.allclose(gram, data.double() @ data.double().T)
     rows.close()
+
+
+def test_rows_in_memory_are_read_in_blocks_within_the_budget():
+    """In memory (the rows take at most half the budget), the rules still work on column
+    blocks, so their temporaries fit the other half."""
+    data = torch.randn(3, 10_000, generator=torch.Generator().manual_seed(1))
+    budget = 2 * data.numel() * 4  # the rows fit in half
+    rows = RowStore(3, 10_000, budget)
+    for row in data:
+        rows.append(row)
+    assert not rows.spilled
+    blocks = list(rows.column_blocks())
+    assert len(blocks) > 1 and all(b.numel() * 4 * BLOCK_OVERHEAD <= budget // 2 for _, b in blocks)
+    assert torch.equal(CoordinateMedian().rule(rows), agg.coordinate_median(data))

@@ -2,8 +2,10 @@
 
 Mean-based strategies never hold rows: they keep running sums. Rules that compare updates
 with each other need the [K, P] matrix, which for a large model and cohort does not fit in
-memory. :class:`RowStore` keeps it in memory while ``K * P * 4`` bytes fit the budget
-(``aggregation.memory_budget_mb``) and otherwise spills it to a file in the run folder.
+memory. :class:`RowStore` keeps it in memory while it takes at most half the budget
+(``aggregation.memory_budget_mb``) and otherwise spills it to a file in the run folder;
+the rules then work on column blocks sized so that the rows kept in memory and the
+blocks' temporaries together stay within the budget.
 Rows are written with ``pwrite`` and read back in column blocks with ``pread``, so the
 process's resident memory stays within the budget however large the cohort: the file's
 pages live in the operating system's page cache, not in the process. :meth:`matrix` maps
@@ -20,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# A column block of K rows is sized so the rule's temporaries (sorting yields values and
-# int64 indices, a float64 copy for distances) stay within the budget: about 4x the block.
-BLOCK_OVERHEAD = 4
+# A column block of K rows is sized so the rule's temporaries stay within the budget:
+# the block read from disk, a float64 copy and its square for distances, or sorted values
+# and int64 indices for medians: about 6x the block's float32 bytes.
+BLOCK_OVERHEAD = 6
 
 
 class RowStore:
@@ -31,7 +34,8 @@ class RowStore:
     Args:
         capacity: most rows the round can add (the number of clients asked to train).
         size: P, the length of a row.
-        budget_bytes: largest matrix kept in memory; None: always in memory.
+        budget_bytes: what the rows (in memory while they take at most half of it) and
+            the rules' working blocks may use; None: in memory, one block.
         folder: where the spill file goes (``rows.bin``); needed when the matrix may spill.
         device: where in-memory rows live and where blocks are handed out.
         dtype: the rows' dtype (the flat layout's).
@@ -50,7 +54,9 @@ class RowStore:
         self.dtype, self.budget_bytes = dtype, budget_bytes
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
         self.count = 0
-        self.spilled = budget_bytes is not None and capacity * size * self.itemsize > budget_bytes
+        self.spilled = (
+            budget_bytes is not None and 2 * capacity * size * self.itemsize > budget_bytes
+        )
         self._memory: torch.Tensor | None = None
         self._fd: int | None = None
         if self.spilled:
@@ -98,24 +104,29 @@ class RowStore:
         return torch.from_numpy(mapped)
 
     def block_width(self, rows: int | None = None) -> int:
-        """Columns per block so that ``rows`` rows of it (and temporaries) fit the budget."""
+        """Columns per block so that ``rows`` rows of it and the rule's temporaries fit the
+        budget (half of it when the rows themselves take the other half in memory)."""
         rows = self.count if rows is None else rows
-        if not self.spilled or not rows:
+        if self.budget_bytes is None or not rows:
             return max(self.size, 1)
-        return max(1, self.budget_bytes // (BLOCK_OVERHEAD * self.itemsize * rows))
+        available = self.budget_bytes if self.spilled else self.budget_bytes // 2
+        return max(1, available // (BLOCK_OVERHEAD * self.itemsize * rows))
 
     def column_blocks(
         self, indices: Sequence[int] | None = None
     ) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(columns, [k, w] block)`` pairs covering every column, for rows ``indices``
-        (all rows in order by default). In memory, one block holds everything; spilled,
-        the blocks share one buffer, so each is valid only until the next is read."""
+        (all rows in order by default). Without a budget one block holds everything. In
+        memory a block is a view; spilled, the blocks share one buffer, so each is valid
+        only until the next is read."""
         chosen = list(range(self.count)) if indices is None else list(indices)
+        width = self.block_width(len(chosen))
         if not self.spilled:
             rows = self.matrix()
-            yield slice(0, self.size), rows if indices is None else rows[chosen]
+            for start in range(0, self.size, width):
+                columns = slice(start, min(start + width, self.size))
+                yield columns, rows[:, columns] if indices is None else rows[chosen, columns]
             return
-        width = self.block_width(len(chosen))
         buffer = np.empty((len(chosen), width), dtype=self._np_dtype)
         for start in range(0, self.size, width):
             end = min(start + width, self.size)
