@@ -88,7 +88,9 @@ def test_feddyn_round_by_hand():
     s = FedDyn(alpha=0.5)
     s.bind(context(num_clients=4))
     tasks = s.configure([0, 1], 1)
-    assert all(t.prox_mu == 0.5 and torch.equal(resolve(t.correction), torch.zeros(2)) for t in tasks)
+    assert all(
+        t.prox_mu == 0.5 and torch.equal(resolve(t.correction), torch.zeros(2)) for t in tasks
+    )
     x = torch.tensor([1.0, 2.0])
     r = results([0, 1], [[2.0, 0.0], [0.0, -4.0]], [1, 1], [1, 1])
     x1 = s.aggregate(x, r, 1)

@@ -218,7 +218,7 @@ class SecureAggregation:
         """The sum mod 2^bits of the masked inputs [P] (int64)."""
         total = torch.zeros(size, dtype=torch.int64)
         for m in messages:
-            total.add_(m.masked).remainder_(self.modulus)
+            total.add_(m.masked).bitwise_and_(self.modulus - 1)
         return total
 
     def unmask_sum(
@@ -279,12 +279,16 @@ class SecureAggregation:
                 pair_seeds.append((pow(public_keys[c], secret_key, PRIME), -1 if d > c else 1))
         for b, part in blocks(total.numel()):
             view, n = total[part], part.stop - part.start
-            # Reduce after every mask: with 62 bits, two unreduced masks overflow int64.
+            # Reduce after every mask (with 62 bits two unreduced masks overflow int64); the
+            # ring's modulus is a power of two, so x mod 2^bits is x & (2^bits - 1), also
+            # for negative x in two's complement.
             for self_seed in self_seeds:
-                view.sub_(prg_block(self_seed, round_idx, b, n, self.bits)).remainder_(self.modulus)
+                view.sub_(prg_block(self_seed, round_idx, b, n, self.bits)).bitwise_and_(
+                    self.modulus - 1
+                )
             for pair, sign in pair_seeds:
                 mask = prg_block(pair, round_idx, b, n, self.bits)
-                view.add_(mask, alpha=sign).remainder_(self.modulus)
+                view.add_(mask, alpha=sign).bitwise_and_(self.modulus - 1)
         signed = torch.where(total >= self.modulus // 2, total - self.modulus, total)
         return signed.double() / self.scale_for(len(cohort))
 
@@ -355,20 +359,22 @@ class MaskingRound:
         agg, r, n = self.agg, self.agg.value_range, part.stop - part.start
         y = torch.round(update[part].clamp(-r, r).double().cpu() * self.scale).to(torch.int64)
         secret_key, self_seed, _ = self.keys[client_id]
-        y.add_(prg_block(self_seed, self.round_idx, block, n, agg.bits)).remainder_(agg.modulus)
+        y.add_(prg_block(self_seed, self.round_idx, block, n, agg.bits)).bitwise_and_(
+            agg.modulus - 1
+        )
         for other in self.cohort:
             if other == client_id:
                 continue
             pair = pow(self.public[other], secret_key, PRIME)
             mask = prg_block(pair, self.round_idx, block, n, agg.bits)
-            y.add_(mask, alpha=1 if other > client_id else -1).remainder_(agg.modulus)
+            y.add_(mask, alpha=1 if other > client_id else -1).bitwise_and_(agg.modulus - 1)
         return y
 
     def _add(self, masked: torch.Tensor, part: slice) -> None:
         if self.total is None:
             self.total = torch.zeros(self.size, dtype=torch.int64)
         view = self.total[part]
-        view.add_(masked).remainder_(self.agg.modulus)
+        view.add_(masked).bitwise_and_(self.agg.modulus - 1)
 
     def unmask(self) -> torch.Tensor:
         """The sum of the delivered inputs [P] (float64); see
