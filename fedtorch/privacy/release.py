@@ -96,7 +96,7 @@ class PrivateRound:
     def _sum(self) -> torch.Tensor:
         if self.masking is None or not self.masking.masked:
             return self.total if self.total is not None else torch.zeros_like(self.like)
-        total = self.masking.unmask()
+        total = self.masking.unmask(self.like.dtype)
         clipped = self.masking.clipped
         if clipped:
             log.warning(

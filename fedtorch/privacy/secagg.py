@@ -251,9 +251,10 @@ class SecureAggregation:
         public_keys: dict[int, int],
         shares_from: dict[int, dict[str, dict[int, int]]],
         round_idx: int,
+        dtype: torch.dtype = torch.float64,
     ) -> torch.Tensor:
         """Remove the masks from the ring sum ``total`` of the delivered inputs; the sum of
-        their inputs [P] (float64).
+        their inputs [P] (computed in float64, returned as ``dtype``).
 
         ``total`` is overwritten. The masks are removed block by block (see PRG_BLOCK).
 
@@ -289,8 +290,14 @@ class SecureAggregation:
             for pair, sign in pair_seeds:
                 mask = prg_block(pair, round_idx, b, n, self.bits)
                 view.add_(mask, alpha=sign).bitwise_and_(self.modulus - 1)
-        signed = torch.where(total >= self.modulus // 2, total - self.modulus, total)
-        return signed.double() / self.scale_for(len(cohort))
+        # Back from the ring to signed fixed point, then to floats, a block at a time.
+        out = torch.empty(total.numel(), dtype=dtype)
+        scale = self.scale_for(len(cohort))
+        for _, part in blocks(total.numel()):
+            view = total[part]
+            signed = torch.where(view >= self.modulus // 2, view - self.modulus, view)
+            out[part] = signed.double().div_(scale)
+        return out
 
 
 class MaskingRound:
@@ -376,11 +383,12 @@ class MaskingRound:
         view = self.total[part]
         view.add_(masked).bitwise_and_(self.agg.modulus - 1)
 
-    def unmask(self) -> torch.Tensor:
-        """The sum of the delivered inputs [P] (float64); see
-        :meth:`SecureAggregation.unmask_total`."""
+    def unmask(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The sum of the delivered inputs [P] as ``dtype``; see
+        :meth:`SecureAggregation.unmask_total`. Consumes the ring sum."""
         total = self.total if self.total is not None else torch.zeros(self.size, dtype=torch.int64)
+        self.total = None
         shares = {h: self.held[h] for h in self.delivered}
         return self.agg.unmask_total(
-            total, self.cohort, self.delivered, self.public, shares, self.round_idx
+            total, self.cohort, self.delivered, self.public, shares, self.round_idx, dtype
         )
