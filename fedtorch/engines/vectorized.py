@@ -251,9 +251,9 @@ class VectorizedEngine:
             seen[:active] += w.sum(1)
             still = sum(1 for s in num_steps[:active] if s > t + 1)
             if still < active:
-                flat = self._flatten_stacked(trainer, params, buffers, active)
+                flat = self._flatten_stacked(trainer, params, buffers, still, active)
                 for row in range(still, active):
-                    torch.sub(flat[row], global_vector, out=deltas[delta_rows[row]])
+                    torch.sub(flat[row - still], global_vector, out=deltas[delta_rows[row]])
                 params, optimizer = _shrink(params, optimizer, trainer, still)
                 active = still
 
@@ -290,14 +290,20 @@ class VectorizedEngine:
         trainer: ClientTrainer,
         params: Mapping[str, torch.Tensor],
         buffers: Mapping[str, torch.Tensor],
-        rows: int,
+        start: int,
+        end: int,
     ) -> torch.Tensor:
-        """The ``mean`` keys of the first ``rows`` clients as a [rows, P] matrix."""
-        layout = trainer.layout
+        """The ``mean`` keys of clients ``start`` to ``end`` - 1 as a [rows, P] matrix (only
+        the clients that finish are read out, not every client still training)."""
+        layout, rows = trainer.layout, end - start
         if not layout.specs:
             return torch.zeros(rows, 0, device=trainer.device)
         parts = [
-            (params[s.name] if s.name in params else buffers[s.name].expand(rows, *s.shape))
+            (
+                params[s.name][start:end]
+                if s.name in params
+                else buffers[s.name].expand(rows, *s.shape)
+            )
             .detach()
             .reshape(rows, -1)
             .to(layout.dtype)
@@ -382,18 +388,18 @@ def _shrink(
     trainer: ClientTrainer,
     rows: int,
 ) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
-    """Keep the first ``rows`` clients: slice parameters and per-element optimizer state."""
+    """Keep the first ``rows`` clients: parameters and per-element optimizer state become
+    views of their first rows (a leading-dimension slice of a contiguous tensor is
+    contiguous), so shrinking copies nothing."""
     if rows == 0:
         return params, optimizer
-    kept = {n: p.detach()[:rows].clone() for n, p in params.items()}
+    kept = {n: p.detach()[:rows] for n, p in params.items()}
     new_optimizer = trainer.optimizer(list(kept.values()))
     for old, new in zip(params.values(), kept.values()):
         state = optimizer.state.get(old)
         if state:
             new_optimizer.state[new] = {
-                key: value[:rows].clone()
-                if torch.is_tensor(value) and value.shape == old.shape
-                else value
+                key: value[:rows] if torch.is_tensor(value) and value.shape == old.shape else value
                 for key, value in state.items()
             }
     return kept, new_optimizer
