@@ -130,12 +130,12 @@ def render_table(labels: list[str], ks: list[int]) -> str:
 
 
 def growth_summary(label: str, ks: list[int]) -> str:
-    """Per rule: peak at the largest K over the peak at the smallest."""
+    """Per rule: peak at the largest K measured over the peak at the smallest."""
     out = []
     for rule in RULES:
-        kk = ks_for(rule, ks)
-        low, high = load(label, rule, kk[0]), load(label, rule, kk[-1])
-        if low and high:
+        kk = [k for k in ks_for(rule, ks) if load(label, rule, k)]
+        if len(kk) > 1:
+            low, high = load(label, rule, kk[0]), load(label, rule, kk[-1])
             growth = 100 * (high["train_peak_mb"] / low["train_peak_mb"] - 1)
             out.append(f"{rule}: {growth:+.1f}% from K={kk[0]} to K={kk[-1]}")
     return "; ".join(out)
