@@ -1,9 +1,10 @@
-"""Speed benchmark: reference FedAvg loop vs fedtorch engines (vs Flower), one invocation.
+"""Speed benchmark: reference FedAvg loop vs fedtorch engines vs Flower, one invocation.
 
 Every engine trains the same workload: the same Fashion-MNIST tensors, client split, cohort
-per round, initial weights and hyperparameters. Each run is a separate process (clean peak
-RSS, no thread contention: runs never overlap), and with --repeats R the engines run
-interleaved R times. Writes results.json and the table in README.md.
+per round, batch order, initial weights and hyperparameters. Each run is a separate process
+(no thread contention: runs never overlap), measured the same way from outside: its memory
+is the PSS of its whole process tree, sampled every 0.2 s (memory.py). With --repeats R the
+engines run interleaved R times. Writes results.json and the table in README.md.
 
     python experiments/speed/bench.py --workloads A,B,C --repeats 1
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
+from memory import TreeMemorySampler
 
 from fedtorch import seeding
 from fedtorch.build import build
@@ -57,12 +59,15 @@ WORKLOADS = {
         "clients_per_round=100",
     ],
 }
+# C runs 10 rounds: Flower takes over 10 s a round there (see README.md).
+ROUNDS = {"A": 20, "B": 20, "C": 10}
 DESCRIPTIONS = {
     "A": "2NN, 100 clients, 2 shards each, 10 a round, E=1, B=10, lr 0.05, 20 rounds",
     "B": "McMahan CNN, same split and schedule as A",
-    "C": "2NN, 1000 clients Dir(0.3), 100 a round, E=1, B=10, lr 0.05, 20 rounds",
+    "C": "2NN, 1000 clients Dir(0.3), 100 a round, E=1, B=10, lr 0.05, 10 rounds",
 }
 ENGINES = ("reference", "sequential", "vectorized", "flower")
+FLOWER_REQUIREMENT = "flwr[simulation]==1.42.*"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -148,15 +153,15 @@ def run_engine(
     extra: list[str],
     threads: int,
     flower_python: str | None,
-    flower_rounds: int,
 ) -> dict:
+    """Run one engine in its own process; return its JSON line plus memory and timings."""
     # PYTHONPATH: the spec pickles fedtorch's model classes (plain nn.Modules); Flower's venv
     # and its Ray workers import them from this checkout.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parents[1])}
     if engine == "reference":
         cmd = [sys.executable, str(HERE / "reference.py"), str(spec)]
     elif engine == "flower":
-        cmd = [flower_python, str(HERE / "flower_run.py"), str(spec), str(flower_rounds)]
+        cmd = [flower_python, str(HERE / "flower_run.py"), str(spec)]
     else:
         run_dir = tempfile.mkdtemp()
         cmd = [
@@ -169,35 +174,44 @@ def run_engine(
             f"torch_threads={threads}",
         ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    with TreeMemorySampler(proc.pid) as sampler:
+        stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         return {
-            "error": proc.stderr.strip().splitlines()[-1]
-            if proc.stderr.strip()
+            "error": stderr.strip().splitlines()[-1]
+            if stderr.strip()
             else f"exit {proc.returncode}"
         }
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - t0
     result["median_round_s"] = statistics.median(result["round_times"])
+    result.update(sampler.peaks_mb())
     return result
 
 
 def flower_python(skip: bool) -> str | None:
-    """Python of a venv with flwr[simulation], made beside this script if missing."""
+    """Python of a venv with Flower (FLOWER_REQUIREMENT), made beside this script if missing.
+
+    flower_run.py is written against Flower 1.42's Message API; a venv holding another
+    version is upgraded in place.
+    """
     if skip:
         return None
     venv = Path(os.environ.get("FLOWER_VENV", HERE / ".flower-venv"))
     python = venv / "bin" / "python"
     if not python.exists():
-        print(f"installing flwr[simulation] into {venv} ...", flush=True)
+        print(f"installing {FLOWER_REQUIREMENT} into {venv} ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         site = next((venv / "lib").glob("python*/site-packages"))
         # Reuse this environment's torch instead of downloading another copy.
         (site / "base_env.pth").write_text(
             next(p for p in sys.path if p.endswith("site-packages")) + "\n"
         )
+    check = "import flwr, ray; assert flwr.__version__.startswith('1.42.'), flwr.__version__"
+    if subprocess.run([python, "-c", check], capture_output=True).returncode != 0:
         install = subprocess.run(
-            [python, "-m", "pip", "install", "-q", "flwr[simulation]", "psutil"],
+            [python, "-m", "pip", "install", "-q", FLOWER_REQUIREMENT],
             capture_output=True,
             text=True,
         )
@@ -207,9 +221,9 @@ def flower_python(skip: bool) -> str | None:
                 install.stderr.strip()[-300:],
             )
             return None
-    check = subprocess.run([python, "-c", "import flwr, ray"], capture_output=True, text=True)
-    if check.returncode != 0:
-        print("Flower is not importable; continuing without it:", check.stderr.strip()[-300:])
+    checked = subprocess.run([python, "-c", check], capture_output=True, text=True)
+    if checked.returncode != 0:
+        print("Flower is not importable; continuing without it:", checked.stderr.strip()[-300:])
         return None
     return str(python)
 
@@ -220,13 +234,7 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument(
-        "--flower-rounds",
-        type=int,
-        default=3,
-        help="rounds Flower runs (it is ~20-100x slower; its accuracy is then not comparable)",
-    )
+    parser.add_argument("--rounds", type=int, help="rounds of every workload (default: ROUNDS)")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(HERE / "results.json"))
     args = parser.parse_args()
@@ -234,17 +242,16 @@ def main() -> None:
     fl_python = flower_python("flower" not in engines)
     if fl_python is None and "flower" in engines:
         engines.remove("flower")
-    extra = [f"data.root={args.data_root}", f"rounds={args.rounds}"]
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads",
         "date": time.strftime("%Y-%m-%d"),
-        "flower_rounds": args.flower_rounds,
         "repeats": args.repeats,
         "workloads": {},
     }
     workdir = Path(tempfile.mkdtemp())
     for name in args.workloads.split(","):
+        extra = [f"data.root={args.data_root}", f"rounds={args.rounds or ROUNDS[name]}"]
         spec_path = workdir / f"{name}.pt"
         info = write_spec(name, extra, args.threads, spec_path)
         floor = compute_floor(info["factory"], info["input_shape"], args.threads)
@@ -257,17 +264,10 @@ def main() -> None:
         }
         for rep in range(args.repeats):
             for engine in engines:
-                if engine == "flower" and rep > 0:
-                    continue  # one Flower run per workload: it dominates the benchmark's time
-                result = run_engine(
-                    engine, name, spec_path, extra, args.threads, fl_python, args.flower_rounds
-                )
+                result = run_engine(engine, name, spec_path, extra, args.threads, fl_python)
                 entry["runs"][engine].append(result)
-                print(
-                    f"{name} {engine} #{rep}: "
-                    + json.dumps({k: v for k, v in result.items() if k != "round_times"}),
-                    flush=True,
-                )
+                shown = {k: v for k, v in result.items() if k not in ("round_times", "accuracies")}
+                print(f"{name} {engine} #{rep}: {json.dumps(shown)}", flush=True)
         report["workloads"][name] = entry
         Path(args.out).write_text(json.dumps(report, indent=2))
     table = render_table(report)
@@ -282,52 +282,59 @@ def main() -> None:
 
 
 def render_table(report: dict) -> str:
+    """Markdown table of the report: one row per workload and engine (medians over runs)."""
     lines = [
         f"Machine: {report['machine']}; {report['date']}; median of {report['repeats']} "
-        f"interleaved run(s) per engine, Flower once for {report['flower_rounds']} rounds.",
+        "interleaved run(s) per engine. Setup: process start to the start of round 1. "
+        "PSS: peak over the run, of the process tree's sum and of its largest process.",
         "",
+        "| workload | engine | median round (s) | setup (s) | samples/s | vs reference "
+        "| vs floor | final acc (%) | per-round acc vs reference | peak PSS summed (MB) "
+        "| largest process PSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines.append(
-        "| workload | engine | median round (s) | samples/s | vs reference | vs floor "
-        "| final acc (%) | peak RSS (MB) |"
-    )
-    lines.append("|---|---|---|---|---|---|---|---|")
     for name, w in report["workloads"].items():
-        ref = _median(
-            [r["median_round_s"] for r in w["runs"].get("reference", []) if "error" not in r]
+        ref_runs = [r for r in w["runs"].get("reference", []) if "error" not in r]
+        ref = _median([r["median_round_s"] for r in ref_runs])
+        rounds = max(
+            (len(r["round_times"]) for rs in w["runs"].values() for r in rs if "round_times" in r),
+            default=1,
         )
-        rounds = len(
-            next(
-                (
-                    r["round_times"]
-                    for runs in w["runs"].values()
-                    for r in runs
-                    if "round_times" in r
-                ),
-                [1],
-            )
-        )
-        per_round_samples = w["samples"] / max(rounds, 1)
-        floor_round = w["floor_s"] / max(rounds, 1)
+        per_round_samples = w["samples"] / rounds
+        floor_round = w["floor_s"] / rounds
         for engine, runs in w["runs"].items():
             ok = [r for r in runs if "error" not in r]
             if not ok:
-                lines.append(
-                    f"| {name} | {engine} | failed: {runs[0]['error'] if runs else 'not run'} "
-                    "| | | | | |"
-                )
+                error = runs[0]["error"] if runs else "not run"
+                lines.append(f"| {name} | {engine} | failed: {error} |" + " |" * 8)
                 continue
             med = _median([r["median_round_s"] for r in ok])
-            speedup = f"{ref / med:.2f}x" if ref else ""
-            accuracy = 100 * _median([r["final_accuracy"] for r in ok])
-            acc_text = f"{accuracy:.2f}"
-            if len(ok[0]["round_times"]) < rounds:
-                acc_text += f" (after {len(ok[0]['round_times'])} rounds)"
-            lines.append(
-                f"| {name} | {engine} | {med:.3f} | {per_round_samples / med:,.0f} | {speedup} | "
-                f"{med / floor_round:.2f}x | {acc_text} | {max(r['peak_rss_mb'] for r in ok):.0f} |"
-            )
+            cells = [
+                name,
+                engine,
+                f"{med:.3f}",
+                f"{_median([r['setup_s'] for r in ok]):.2f}",
+                f"{per_round_samples / med:,.0f}",
+                f"{ref / med:.2f}x" if ref else "",
+                f"{med / floor_round:.2f}x",
+                f"{100 * _median([r['final_accuracy'] for r in ok]):.2f}",
+                _accuracy_match(ok, ref_runs[0] if ref_runs else None),
+                f"{max(r['peak_pss_sum_mb'] for r in ok):.0f}",
+                f"{max(r['peak_pss_max_mb'] for r in ok):.0f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _accuracy_match(runs: list[dict], reference: dict | None) -> str:
+    """'identical' when every run's per-round accuracies equal the reference's, else the
+    largest gap in points."""
+    if reference is None:
+        return ""
+    if any(len(r["accuracies"]) != len(reference["accuracies"]) for r in runs):
+        return "other rounds"
+    gaps = [abs(a - b) for r in runs for a, b in zip(r["accuracies"], reference["accuracies"])]
+    return "identical" if max(gaps, default=0) == 0 else f"max gap {100 * max(gaps):.2f} pts"
 
 
 def _median(values):

@@ -1,146 +1,237 @@
-"""The same workload in Flower's simulation engine (Ray backend), for bench.py.
+"""The same workload in Flower's simulation runtime (Ray backend), for bench.py.
 
-Runs in a virtual environment with flwr[simulation]; reads the spec bench.py wrote (data,
-client index lists, initial weights, hyperparameters). Flower samples its own cohorts
-(the same number per round). Prints one JSON line: per-round wall times (between the
-server's central evaluations), final accuracy, and the peak RSS summed over the process
-tree (Ray workers included), sampled every 0.2 s.
+Flower 1.42's Message API: a `ClientApp` whose train function runs reference.py's local loop,
+and a `ServerApp` whose main function runs Flower's `FedAvg` strategy with central
+evaluation. Only what the benchmark needs to train exactly the reference's run is adapted:
+
+- round r trains the spec's `cohorts[r-1]`, not a random sample of nodes: the server asks
+  every node once for its `partition-id` (a query message; Flower's node ids are random)
+  and sends round r's train messages to the nodes holding that cohort's partitions;
+- replies are aggregated in cohort order (they arrive in completion order, and float sums
+  depend on the order) by FedAvg's own weighted average;
+- a client seeds its batch order with the spec's `batch_seeds[(round, partition)]`;
+- the initial global model is the spec's `init_state`, and the server tests the global model
+  after every round (the strategy's `evaluate_fn`), as the reference does.
+
+Each process reads the spec once (the server at start, a Ray worker on the first message it
+runs), keeps only what its side needs, and reuses it and one model for every message.
+Runs in a virtual environment with flwr[simulation]; prints one JSON line like
+reference.py: set-up time (process start to the start of round 1), per-round wall times
+(train messages sent, replies aggregated, test set evaluated) and per-round accuracies.
 
     python flower_run.py SPEC.pt
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
-import threading
 import time
+from collections.abc import Iterable
+from pathlib import Path
 
-import numpy as np
-import psutil
 import torch
-import torch.nn.functional as F
-from flwr.client import ClientApp, NumPyClient
-from flwr.common import Context, ndarrays_to_parameters
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-from flwr.server.strategy import FedAvg
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
+from memory import process_age_s
+from reference import local_train, test_accuracy
 
-SPEC_PATH = sys.argv[1] if len(sys.argv) > 1 else ""
-ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else None
-_cache: dict = {}
+SPEC_ENV = "FLOWER_BENCH_SPEC"  # the spec's path; Ray's worker processes inherit it
+CLIENT_KEYS = ("train_x", "train_y", "shards", "batch_seeds", "lr", "batch_size", "epochs")
+SERVER_KEYS = ("test_x", "test_y", "cohorts", "init_state", "num_clients", "threads")
 
-
-def spec() -> dict:
-    if not _cache:
-        _cache.update(torch.load(SPEC_PATH, weights_only=False))
-        torch.set_num_threads(_cache["threads"])
-    return _cache
+# Filled by the ServerApp (a thread of this process) for the JSON line.
+report: dict = {"round_starts": [], "round_ends": [], "accuracies": []}
 
 
-def get_weights(model) -> list[np.ndarray]:
-    return [v.detach().cpu().numpy() for v in model.state_dict().values()]
+@functools.cache
+def workload(side: str) -> dict:
+    """What `side` ("client" or "server") needs from the spec: read once per process.
+
+    Also sets this process's torch threads to the spec's, like the other runners, and
+    builds the one model the process reuses.
+    """
+    spec = torch.load(os.environ[SPEC_ENV], weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    part = {k: spec[k] for k in (CLIENT_KEYS if side == "client" else SERVER_KEYS)}
+    part["model"] = spec["model_factory"]()
+    return part
 
 
-def set_weights(model, weights) -> None:
-    keys = list(model.state_dict().keys())
-    model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights)})
+# ---------------------------------------------------------------------------- ClientApp
+
+client_app = ClientApp()
 
 
-class TorchClient(NumPyClient):
-    def __init__(self, cid: int) -> None:
-        self.cid = cid
+@client_app.query()
+def report_partition(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (client of the spec) this node holds.
 
-    def fit(self, parameters, config):
-        s = spec()
-        model = s["model_factory"]()
-        set_weights(model, parameters)
-        opt = torch.optim.SGD(model.parameters(), lr=s["lr"])
-        idx = s["shards"][self.cid]
-        gen = torch.Generator().manual_seed(int(config.get("round", 0)) * 10_007 + self.cid)
-        for _ in range(s["epochs"]):
-            order = idx[torch.randperm(len(idx), generator=gen)]
-            for start in range(0, len(order), s["batch_size"]):
-                b = order[start : start + s["batch_size"]]
-                loss = F.cross_entropy(model(s["train_x"][b]), s["train_y"][b])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        return get_weights(model), len(idx), {}
+    The server asks every node once, before round 1: the worker process running the first
+    query also loads the data then, so that set-up is not billed to round 1.
+    """
+    workload("client")
+    partition = int(context.node_config["partition-id"])
+    return Message(RecordDict({"node": ConfigRecord({"partition-id": partition})}), reply_to=msg)
 
 
-def client_fn(context: Context):
-    return TorchClient(int(context.node_config["partition-id"])).to_client()
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local SGD from the received global model on this node's partition; reply the weights."""
+    data = workload("client")
+    partition = int(context.node_config["partition-id"])
+    server_round = int(msg.content["config"]["server-round"])
+    model = data["model"]
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    idx = data["shards"][partition]
+    local_train(model, data, idx, data["batch_seeds"][(server_round, partition)])
+    reply = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": len(idx)}),
+        }
+    )
+    return Message(reply, reply_to=msg)
 
 
-def main() -> None:
-    s = spec()
-    stamps: list[float] = []
-    accuracy = [0.0]
+# ---------------------------------------------------------------------------- ServerApp
 
-    def evaluate(server_round, parameters, config):
-        model = s["model_factory"]()
-        set_weights(model, parameters)
-        model.eval()
-        with torch.no_grad():
-            pred = torch.cat(
-                [
-                    model(s["test_x"][i : i + 1000]).argmax(1)
-                    for i in range(0, len(s["test_x"]), 1000)
-                ]
+
+class CohortFedAvg(FedAvg):
+    """Flower's FedAvg, training the spec's cohort of each round instead of a random sample."""
+
+    def __init__(self, cohorts: list[list[int]], node_of: dict[int, int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cohorts = cohorts
+        self.node_of = node_of  # partition id -> node id
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One train message (global weights, round number) to each node of the cohort."""
+        if server_round == 1:
+            report["setup_s"] = process_age_s()
+        report["round_starts"].append(time.perf_counter())
+        config["server-round"] = server_round
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [
+            Message(content, dst_node_id=self.node_of[p], message_type=MessageType.TRAIN)
+            for p in self.cohorts[server_round - 1]
+        ]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's weighted average, over the replies put in cohort order first.
+
+        A failed or missing client stops the run: FedAvg would average the others, and the
+        run would no longer be the reference's.
+        """
+        cohort = self.cohorts[server_round - 1]
+        replies = list(replies)
+        failed = [r.error.reason for r in replies if r.has_error()]
+        if failed or len(replies) != len(cohort):
+            raise RuntimeError(
+                f"round {server_round}: {len(replies)} replies for {len(cohort)} clients, "
+                f"{len(failed)} failed" + (f"; first: {failed[0][-300:]}" if failed else "")
             )
-        accuracy[0] = float((pred == s["test_y"]).float().mean())
-        stamps.append(time.perf_counter())
-        return 0.0, {"accuracy": accuracy[0]}
+        position = {self.node_of[p]: i for i, p in enumerate(cohort)}
+        ordered = sorted(replies, key=lambda reply: position[reply.metadata.src_node_id])
+        return super().aggregate_train(server_round, ordered)
 
-    def server_fn(context: Context):
-        init = [v.numpy() for v in s["init_state"].values()]
-        strategy = FedAvg(
-            fraction_fit=s["clients_per_round"] / s["num_clients"],
-            min_fit_clients=s["clients_per_round"],
-            min_available_clients=s["num_clients"],
-            fraction_evaluate=0.0,
-            min_evaluate_clients=0,
-            evaluate_fn=evaluate,
-            on_fit_config_fn=lambda r: {"round": r},
-            initial_parameters=ndarrays_to_parameters(init),
-        )
-        return ServerAppComponents(
-            strategy=strategy, config=ServerConfig(num_rounds=ROUNDS or s["rounds"])
-        )
 
-    peak = [0.0]
-    done = threading.Event()
+def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    """Test accuracy of the global model after a round (the reference skips round 0)."""
+    if server_round == 0:
+        return None
+    data = workload("server")
+    model = data["model"]
+    model.load_state_dict(arrays.to_torch_state_dict())
+    accuracy = test_accuracy(model, data["test_x"], data["test_y"])
+    report["accuracies"].append(accuracy)
+    report["round_ends"].append(time.perf_counter())
+    return MetricRecord({"accuracy": accuracy})
 
-    def watch():
-        me = psutil.Process()
-        while not done.is_set():
-            try:
-                procs = [me, *me.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
 
-    threading.Thread(target=watch, daemon=True).start()
+def partition_nodes(grid: Grid, num_nodes: int) -> dict[int, int]:
+    """Partition id -> node id, asked once of every node."""
+    while len(node_ids := list(grid.get_node_ids())) < num_nodes:
+        time.sleep(0.1)
+    queries = [
+        Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids
+    ]
+    mapping = {}
+    for reply in grid.send_and_receive(queries):
+        if reply.has_error():
+            raise RuntimeError(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+        mapping[int(reply.content["node"]["partition-id"])] = reply.metadata.src_node_id
+    return mapping
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """FedAvg over the spec's cohorts from its initial weights, tested after every round."""
+    data = workload("server")
+    strategy = CohortFedAvg(
+        data["cohorts"],
+        partition_nodes(grid, data["num_clients"]),
+        fraction_evaluate=0.0,  # no federated evaluation: the server tests centrally
+        min_available_nodes=data["num_clients"],
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(data["init_state"]),
+        num_rounds=len(data["cohorts"]),
+        evaluate_fn=central_evaluate,
+    )
+
+
+# ---------------------------------------------------------------------------- launcher
+
+
+def run(spec_path: str) -> dict:
+    """Run the simulation (one virtual node per client) and return the JSON line's fields."""
+    os.environ[SPEC_ENV] = str(Path(spec_path).resolve())
+    data = workload("server")
     run_simulation(
-        server_app=ServerApp(server_fn=server_fn),
-        client_app=ClientApp(client_fn=client_fn),
-        num_supernodes=s["num_clients"],
-        backend_config={"client_resources": {"num_cpus": s["threads"], "num_gpus": 0.0}},
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=data["num_clients"],
+        # One Ray actor per `threads` CPUs: on the benchmark's machine, one worker process.
+        backend_config={"client_resources": {"num_cpus": data["threads"], "num_gpus": 0.0}},
     )
-    done.set()
-    round_times = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
-    print(
-        json.dumps(
-            {
-                "round_times": round_times,
-                "final_accuracy": accuracy[0],
-                "peak_rss_mb": peak[0] / 2**20,
-            }
-        )
-    )
+    accuracies = report["accuracies"]
+    if len(accuracies) != len(data["cohorts"]):
+        sys.exit(f"Flower stopped after {len(accuracies)} of {len(data['cohorts'])} rounds")
+    return {
+        "setup_s": report["setup_s"],
+        "round_times": [b - a for a, b in zip(report["round_starts"], report["round_ends"])],
+        "accuracies": accuracies,
+        "final_accuracy": accuracies[-1],
+    }
 
 
 if __name__ == "__main__":
-    main()
+    # Run everything from the module `flower_run`, not `__main__`: Ray's pickler copies
+    # functions of `__main__` by value, with the globals they touch, into every task it
+    # submits (the old runner shipped its loaded spec with each message that way), while
+    # functions of an importable module travel as a reference.
+    import flower_run
+
+    print(json.dumps(flower_run.run(sys.argv[1])))
