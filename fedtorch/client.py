@@ -197,7 +197,8 @@ class ClientTrainer:
         if client_id in self.local_state:
             model.load_state_dict(self.local_state[client_id], strict=False)
         before = self.loss_at_current_weights(indices) if task.initial_loss else None
-        model.train()
+        if not model.training:  # set recursively: a walk over every module, so only if needed
+            model.train()
         seeding.seed_torch(
             seeding.derive_seed(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id),
             self.device,
