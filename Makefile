@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench reproduce niid-bench robust privacy lint clean
+.PHONY: help install test test-full train sweep bench memory reproduce niid-bench robust privacy lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ sweep: ## a seeds x alpha sweep of the quickstart, then its report
 
 bench: ## speed benchmark: reference loop vs fedtorch engines vs Flower (experiments/speed)
 	$(PY) experiments/speed/bench.py $(ARGS)
+
+memory: ## server memory against clients a round, resumable (experiments/memory; ARGS="--only fedavg")
+	$(PY) experiments/memory/run.py $(ARGS)
 
 reproduce: ## NIID-Bench FedAvg on Fashion-MNIST, Dir(0.5), 50 rounds (experiments/fmnist_dirichlet)
 	PATH="$(abspath $(VENV))/bin:$$PATH" experiments/fmnist_dirichlet/run.sh $(ARGS)
