@@ -88,7 +88,7 @@ class RoundResults:
     Attributes:
         clients: one entry per client whose update was accepted, in cohort order.
         deltas: [K, P] matrix; row i is ``clients[i]``'s local minus global values of the
-            ``mean`` keys (memory-mapped when the round's rows exceed
+            ``mean`` keys (memory-mapped when the round's rows exceed half of
             ``aggregation.memory_budget_mb``). Valid only during ``aggregate``: a strategy
             that keeps deltas beyond it must copy them.
         failures: clients that were asked to train but whose update was rejected (raised,

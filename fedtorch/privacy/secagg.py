@@ -304,11 +304,11 @@ class MaskingRound:
     """One round of the protocol for a fixed cohort, run one client at a time.
 
     Key agreement and secret sharing happen for the whole cohort up front (only integers);
-    then each client masks its update as it finishes training (:meth:`mask`) and the
-    server adds the delivered masked vectors to a running ring sum (:meth:`deliver`), so
-    the server holds one [P] vector whatever the cohort size. A cohort member that never
-    delivers (its training failed, or it dropped out after masking) is handled by the
-    protocol's recovery: its pair masks are removed from the survivors' sum.
+    then each client's update, as the client finishes training, is masked and added to
+    a running ring sum (:meth:`submit`), so the server holds one [P] vector whatever the
+    cohort size. A cohort member that never delivers (its training failed, or it dropped
+    out after masking) is handled by the protocol's recovery: its pair masks are removed
+    from the survivors' sum.
     """
 
     def __init__(
@@ -336,16 +336,10 @@ class MaskingRound:
         parts = [self._masked_block(client_id, update, b, part) for b, part in blocks(len(update))]
         return MaskedClient(client_id, self.public[client_id], torch.cat(parts))
 
-    def deliver(self, message: MaskedClient) -> None:
-        """The server receives a masked message, unless its client drops out after masking."""
-        if not self.agg.delivers(message.client_id, self.round_idx):
-            return
-        self._add(message.masked, slice(0, len(message.masked)))
-        self.delivered.append(message.client_id)
-
     def submit(self, client_id: int, update: torch.Tensor) -> None:
-        """:meth:`mask` and :meth:`deliver` block by block: the client masks a block and the
-        server adds it at once, so no full-size masked vector ever exists."""
+        """Mask the client's update and add it to the ring sum block by block (unless the
+        client drops out after masking): the client masks a block and the server adds it at
+        once, so no full-size masked vector ever exists."""
         self._count(update)
         if not self.agg.delivers(client_id, self.round_idx):
             return
