@@ -136,10 +136,19 @@ def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
 
 def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
     split = _instantiate(cfg.partition, "partition")
-    shards = split(data.train_y.cpu(), num_clients=cfg.num_clients, seed=cfg.seed)
-    if len(shards) != cfg.num_clients:
+    extra = {}
+    if "clients" in _accepted(cfg.partition._target_, ("clients", "dataset"), "partition"):
+        extra = {"clients": data.client_indices, "dataset": data.name}
+    elif cfg.num_clients is None:
         raise ConfigError(
-            "partition._target_", f"returned {len(shards)} shards for num_clients={cfg.num_clients}"
+            "num_clients", "null is only allowed with partition=natural; give a number >= 1"
+        )
+    labels = data.labels_for_partition.cpu()
+    shards = split(labels, num_clients=cfg.num_clients, seed=cfg.seed, **extra)
+    expected = cfg.num_clients if cfg.num_clients is not None else len(shards)
+    if len(shards) != expected:
+        raise ConfigError(
+            "partition._target_", f"returned {len(shards)} shards for num_clients={expected}"
         )
     empty = [i for i, s in enumerate(shards) if len(s) == 0]
     if empty:
@@ -193,7 +202,11 @@ def _set_memory_format(
 
 
 def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.Module:
-    provided = {"input_shape": list(data.input_shape), "num_classes": data.num_classes}
+    provided = {
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "vocab_size": data.num_classes,
+    }
     kwargs = {
         k: provided[k] for k in _accepted(cfg.model._target_, tuple(provided)) if k not in cfg.model
     }
@@ -211,11 +224,15 @@ def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.
             raise ConfigError(
                 "model", f"forward pass on inputs of shape {list(data.input_shape)} failed: {exc}"
             ) from exc
-    if out.shape != (min(2, len(data.train_x)), data.num_classes):
+    task = data.task
+    if not isinstance(out, torch.Tensor) or out.shape != task.output_shape(
+        data.train_x[:2], data.num_classes
+    ):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(
             "model",
-            f"outputs shape {list(out.shape)} but the dataset {data.name} needs "
-            f"[batch, {data.num_classes}] logits",
+            f"outputs {shape} but the dataset {data.name} ({task.name.replace('_', ' ')} task) "
+            f"needs {task.describe_output(data.num_classes)}",
         )
     return model
 
@@ -228,12 +245,12 @@ def _averages_plainly(strategy: Any) -> bool:
 
 
 def _run_context(
-    cfg: DictConfig, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
+    num_clients: int, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
 ) -> RunContext:
     optimizer = trainer.local_optimizer
     params = [n for n, _ in trainer.model.named_parameters()]
     return RunContext(
-        num_clients=cfg.num_clients,
+        num_clients=num_clients,
         clients_per_round=clients_per_round,
         size=layout.size,
         param_mask=layout.mask(params),
@@ -300,9 +317,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
 
     checkpointing = _checkpointing(cfg, run_dir)
     data = _setup_data(cfg, device)
-    clients_per_round = cohort_size(cfg.num_clients, cfg.clients_per_round, cfg.fraction)
+    if data.stats is not None:
+        checkpoint.write_json(run_dir / "dataset.json", data.stats)
     shards = _setup_partition(cfg, data)
-    stats = partition_lib.statistics(shards, data.train_y, data.num_classes)
+    num_clients = len(shards)
+    clients_per_round = cohort_size(num_clients, cfg.clients_per_round, cfg.fraction)
+    stats = partition_lib.statistics(shards, data.labels_for_partition)
     checkpoint.write_json(run_dir / "partition.json", stats)
 
     model = _setup_model(cfg, data, device)
@@ -316,15 +336,16 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         train_x=data.train_x,
         train_y=data.train_y,
         seed=cfg.seed,
+        task=data.task,
     )
     _set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)
     strategy = _instantiate(cfg.strategy, "strategy")
-    strategy.bind(_run_context(cfg, trainer, layout, clients_per_round, run_dir))
+    strategy.bind(_run_context(num_clients, trainer, layout, clients_per_round, run_dir))
     privacy = _instantiate(cfg.privacy, "privacy", seed=cfg.seed)
-    privacy.bind(cfg.num_clients, clients_per_round, cfg.rounds)
+    privacy.bind(num_clients, clients_per_round, cfg.rounds)
     secure_agg = _instantiate(cfg.secure_aggregation, "secure_aggregation", seed=cfg.seed)
     secure_agg.bind(
         privacy.clip_norm if privacy.enabled else None,
@@ -338,7 +359,11 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
             "fedadam or fedyogi",
         )
     system = _instantiate(cfg.system, "system", seed=cfg.seed)
-    attack = _instantiate(cfg.attack, "attack", num_clients=cfg.num_clients, seed=cfg.seed)
+    attack = _instantiate(cfg.attack, "attack", num_clients=num_clients, seed=cfg.seed)
+    if attack.kind == "label_flip" and data.task.name != "classification":
+        raise ConfigError(
+            "attack", f"label_flip needs a classification dataset; {data.name} is not one"
+        )
     logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
 
     settings = RunSettings(

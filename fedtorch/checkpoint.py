@@ -65,7 +65,7 @@ def write_json(path: Path, obj: Any) -> None:
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
 # Config keys that may change between a run and its resumption: where files live, how
-# much is logged, how many rounds in total, how checkpoints are kept, and performance
+# much is logged and evaluated, how many rounds in total, how checkpoints are kept, and performance
 # knobs (a different memory_format or aggregation budget changes results only by float
 # rounding).
 RESUME_IGNORED = (
@@ -76,6 +76,9 @@ RESUME_IGNORED = (
     "logger",
     "paths",
     "verbose",
+    "eval_every",
+    "eval_batch_size",
+    "eval_clients",
     "torch_threads",
     "memory_format",
     "aggregation.memory_budget_mb",

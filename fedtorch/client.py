@@ -11,13 +11,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedtorch import seeding
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientError, ClientResult, ClientTask, resolve
 from fedtorch.state import StateLayout
+from fedtorch.tasks import Classification, Task
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -43,6 +43,8 @@ class ClientTrainer:
             per step, which matters for tiny models).
         seed: the run seed; batch order and any randomness inside the model (dropout)
             derive from ``(seed, round, client)``, so results do not depend on client order.
+        task: what ``train_y`` means (:mod:`fedtorch.tasks`); the builder passes the
+            dataset's. Classification by default.
 
     Raises:
         ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range.
@@ -64,6 +66,7 @@ class ClientTrainer:
         train_accuracy: bool = False,
         prox_mu: float = 0.0,
         seed: int = 0,
+        task: Task | None = None,
     ) -> None:
         if steps is None and (not isinstance(epochs, int) or epochs < 1):
             raise ConfigError("client.epochs", f"must be an integer >= 1, got {epochs!r}")
@@ -86,8 +89,11 @@ class ClientTrainer:
         self.prox_mu = float(prox_mu)
         self._param_names = [n for n, _ in model.named_parameters()]
         self.seed = seed
+        self.task = task or Classification()
         self.device = train_x.device
         self.num_classes = int(train_y.max()) + 1 if len(train_y) else 0
+        # Each training row's weight in its client's size (1, or its tokens).
+        self.sample_sizes = self.task.sizes(train_y)
         self.local_keys = layout.keys("local")
         self.counter_keys = layout.keys("max")
         # Per-client values of `local`-rule keys, kept on the CPU between rounds. A round's
@@ -129,16 +135,27 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def client_size(self, indices: torch.Tensor) -> int:
+        """The client's size in the task's unit (samples, or tokens): its FedAvg weight."""
+        if isinstance(self.task, Classification):
+            return len(indices)
+        return int(self.sample_sizes[indices.to(self.sample_sizes.device)].sum())
+
     def loss_at_current_weights(self, indices: torch.Tensor, batch_size: int = 2048) -> float:
-        """Mean cross-entropy of the model as loaded on the client's data (eval mode)."""
-        model, total = self.model, torch.zeros((), device=self.device)
+        """Mean loss of the model as loaded on the client's data (eval mode)."""
+        model = self.model
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
         model.eval()
         with torch.inference_mode():
             for start in range(0, len(indices), batch_size):
                 batch = indices[start : start + batch_size].to(self.device)
-                logits = model(self.train_x[batch])
-                total += F.cross_entropy(logits, self.train_y[batch], reduction="sum")
-        return float(total) / max(len(indices), 1)
+                loss, n, _, _ = self.task.per_sample(
+                    model(self.train_x[batch]), self.train_y[batch]
+                )
+                total += loss.sum()
+                count += n.sum()
+        return float(total) / max(float(count), 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for a batch (DP-SGD wraps the model to get per-sample grads)."""
@@ -213,7 +230,7 @@ class ClientTrainer:
 
         # Per-step statistics stay on the device as a list of scalars: no host sync and
         # no extra kernels in the loop; they are reduced once at the end.
-        losses, hits = [], []
+        losses, counts, hits, predicted = [], [], [], []
         batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx, task.steps)
         for step, (row, size) in enumerate(zip(batches, sizes)):
             batch = row[:size]
@@ -221,7 +238,7 @@ class ClientTrainer:
             if task.flip_labels:
                 y = self.num_classes - 1 - y
             logits = self.forward(x)
-            loss = F.cross_entropy(logits, y)
+            loss, count = self.task.loss(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.privatize_gradients(size, client_id, round_idx, step)
@@ -231,8 +248,11 @@ class ClientTrainer:
             if step_corrections:
                 _apply_step_corrections(params, step_corrections, optimizer)
             losses.append(loss.detach())
+            counts.append(count)
             if self.train_accuracy:
-                hits.append((logits.detach().argmax(dim=1) == y).sum())
+                correct, total = self.task.hits(logits.detach(), y)
+                hits.append(correct)
+                predicted.append(total)
 
         optimizer.zero_grad(set_to_none=True)  # the gradients are not needed past here
         state = self.local_state_dict()
@@ -245,22 +265,29 @@ class ClientTrainer:
             self.pending_local_state[client_id] = {
                 k: state[k].detach().cpu().clone() for k in self.local_keys
             }
-        seen = max(sum(sizes), 1)
-        weights = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        weights = _as_vector(counts, self.device)
         metrics = {
-            "train_loss": float(torch.stack(losses) @ weights) / seen,
+            "train_loss": float(torch.stack(losses) @ weights) / max(float(weights.sum()), 1.0),
             "steps": len(sizes),
         }
         if self.train_accuracy:
+            seen = max(float(_as_vector(predicted, self.device).sum()), 1.0)
             metrics["train_accuracy"] = float(torch.stack(hits).sum()) / seen
         if before is not None:
             metrics["initial_loss"] = before
         return ClientResult(
             client_id=client_id,
-            num_samples=len(indices),
+            num_samples=self.client_size(indices),
             counters={k: state[k].detach().clone() for k in self.counter_keys},
             metrics=metrics,
         )
+
+
+def _as_vector(values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Python ints or 0-d tensors (per-step counts) as one float32 vector on ``device``."""
+    if values and isinstance(values[0], torch.Tensor):
+        return torch.stack(list(values)).float()
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _apply_step_corrections(

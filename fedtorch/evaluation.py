@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from fedtorch.tasks import Classification, Task
 
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 2048,
+    task: Task | None = None,
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of ``model`` on ``(x, y)``, in eval mode."""
+    """Mean loss and accuracy of ``model`` on ``(x, y)``, in eval mode.
+
+    Means are over the task's units: samples, or a language model's non-pad tokens.
+    """
+    task = task or Classification()
     model.eval()
-    loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    totals = torch.zeros(4, dtype=torch.float64, device=x.device)
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        target = y[start : start + batch_size]
-        loss += F.cross_entropy(logits, target, reduction="sum")
-        correct += (logits.argmax(dim=1) == target).sum()
-    n = max(len(x), 1)
-    return float(loss) / n, float(correct) / n
+        stats = task.per_sample(model(x[start : start + batch_size]), y[start : start + batch_size])
+        totals += torch.stack([s.sum(dtype=torch.float64) for s in stats])
+    loss, count, correct, predicted = totals.tolist()
+    return loss / max(count, 1.0), correct / max(predicted, 1.0)
 
 
 @torch.inference_mode()
@@ -32,23 +38,27 @@ def per_client_accuracy(
     owner: torch.Tensor,
     num_clients: int,
     batch_size: int = 2048,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """Accuracy of ``model`` on each client's own data, shape [num_clients].
 
     ``owner[i]`` is the client holding training sample ``i`` (-1 if none). One pass over the
     training set, then a scatter by owner.
     """
+    task = task or Classification()
     model.eval()
     correct = torch.empty(len(x), device=x.device)
+    predicted = torch.empty(len(x), device=x.device)
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        correct[start : start + batch_size] = (
-            logits.argmax(dim=1) == y[start : start + batch_size]
-        ).float()
+        _, _, hits, total = task.per_sample(
+            model(x[start : start + batch_size]), y[start : start + batch_size]
+        )
+        correct[start : start + batch_size] = hits
+        predicted[start : start + batch_size] = total
     held = owner >= 0
     hits = torch.bincount(owner[held], weights=correct[held], minlength=num_clients)
-    sizes = torch.bincount(owner[held], minlength=num_clients).clamp_min(1)
-    return (hits / sizes).cpu()
+    sizes = torch.bincount(owner[held], weights=predicted[held], minlength=num_clients)
+    return (hits / sizes.clamp_min(1)).cpu()
 
 
 def worst_fraction_mean(values: torch.Tensor, fraction: float = 0.1) -> float:

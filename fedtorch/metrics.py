@@ -22,6 +22,7 @@ BASE_COLUMNS = (
     "train_accuracy",
     "test_loss",
     "test_accuracy",
+    "test_perplexity",
     "client_accuracy_mean",
     "client_accuracy_worst10",
     "epsilon",

@@ -451,8 +451,11 @@ class Orchestrator:
         """Test loss/accuracy of the global model (and per-client accuracy if asked)."""
         s = self.settings
         self.model.load_state_dict(self.global_state)
-        loss, acc = evaluate(self.model, self.data.test_x, self.data.test_y, s.eval_batch_size)
-        out = {"test_loss": loss, "test_accuracy": acc}
+        task = self.data.task
+        loss, acc = evaluate(
+            self.model, self.data.test_x, self.data.test_y, s.eval_batch_size, task
+        )
+        out = {"test_loss": loss, "test_accuracy": acc, **task.extra_metrics(loss)}
         if s.eval_clients:
             accs = per_client_accuracy(
                 self.model,
@@ -461,6 +464,7 @@ class Orchestrator:
                 self.owner,
                 len(self.shards),
                 s.eval_batch_size,
+                task,
             )
             out["client_accuracy_mean"] = float(accs.mean())
             out["client_accuracy_worst10"] = worst_fraction_mean(accs, 0.1)

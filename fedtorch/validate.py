@@ -70,7 +70,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Validate the top-level keys and that every component group has a ``_target_``."""
     _int(cfg, "seed", 0)
     _int(cfg, "rounds", 1)
-    _int(cfg, "num_clients", 1)
+    _int(cfg, "num_clients", 1, allow_none=True)
     _int(cfg, "eval_every", 1)
     _int(cfg, "eval_batch_size", 1)
     _int(cfg, "torch_threads", 1, allow_none=True)

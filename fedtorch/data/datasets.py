@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedtorch import seeding
 from fedtorch.data.idx import read_idx
 from fedtorch.errors import DataError
+from fedtorch.tasks import Classification, Task
 
 
 @dataclass
@@ -28,12 +30,21 @@ class DataBundle:
     """A train/test split held in memory.
 
     Attributes:
-        train_x: inputs, shape [N_train, *input_shape], float32.
-        train_y: labels, shape [N_train], int64 in [0, num_classes).
-        test_x: inputs, shape [N_test, *input_shape], float32.
-        test_y: labels, shape [N_test], int64.
-        num_classes: number of classes.
+        train_x: inputs, shape [N_train, *input_shape]: float32 images, or int64 token ids
+            [N_train, T] for a language model.
+        train_y: labels [N_train] int64 in [0, num_classes), or next-token targets
+            [N_train, T].
+        test_x: inputs, shape [N_test, *input_shape].
+        test_y: labels or targets for ``test_x``.
+        num_classes: number of classes (the vocabulary size for a language model).
         name: short name used in logs.
+        task: what the labels mean (:mod:`fedtorch.tasks`): classification by default.
+        client_indices: the dataset's own clients (``partition=natural``): one tensor of
+            training-row indices per client, or None.
+        client_names: a name per natural client (for logs and ``dataset.json``).
+        partition_labels: a class per training row for the label-based partitioners when
+            ``train_y`` is not one (a language model's play, say); None: ``train_y``.
+        stats: statistics of the dataset, written to the run folder as ``dataset.json``.
     """
 
     train_x: torch.Tensor
@@ -42,20 +53,29 @@ class DataBundle:
     test_y: torch.Tensor
     num_classes: int
     name: str = "custom"
+    task: Task = field(default_factory=Classification)
+    client_indices: list[torch.Tensor] | None = None
+    client_names: list[str] | None = None
+    partition_labels: torch.Tensor | None = None
+    stats: dict[str, Any] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: torch.device) -> DataBundle:
-        return DataBundle(
-            self.train_x.to(device),
-            self.train_y.to(device),
-            self.test_x.to(device),
-            self.test_y.to(device),
-            self.num_classes,
-            self.name,
+        return replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
         )
+
+    @property
+    def labels_for_partition(self) -> torch.Tensor:
+        """One class per training row, for the label-based partitioners."""
+        return self.partition_labels if self.partition_labels is not None else self.train_y
 
 
 # ---------------------------------------------------------------------------- MNIST family

@@ -71,6 +71,33 @@ def _reserve_minimum(
     return list(reserved), order[num_clients * min_size :]
 
 
+def natural(
+    labels: torch.Tensor,
+    num_clients: int | None,
+    seed: int,
+    clients: Partition | None = None,
+    dataset: str = "the dataset",
+) -> Partition:
+    """The dataset's own clients (Shakespeare's speaking roles), unchanged.
+
+    ``clients`` is the dataset's ``client_indices`` (filled in by the builder).
+    ``num_clients`` must be null or equal to their number.
+    """
+    if clients is None:
+        raise ConfigError(
+            "partition",
+            f"natural needs a dataset with its own clients (dataset=shakespeare); {dataset} "
+            "has none: use iid, dirichlet, label_skew, shards or quantity",
+        )
+    if num_clients is not None and num_clients != len(clients):
+        raise ConfigError(
+            "num_clients",
+            f"partition=natural gives {dataset}'s {len(clients)} clients; set "
+            f"num_clients=null (or {len(clients)}), got {num_clients}",
+        )
+    return list(clients)
+
+
 def iid(labels: torch.Tensor, num_clients: int, seed: int) -> Partition:
     """Shuffle and deal the samples into ``num_clients`` shards of (nearly) equal size."""
     _check_clients(labels, num_clients)
@@ -178,9 +205,15 @@ def label_skew(
     return _to_tensors([np.concatenate(p) for p in pieces])
 
 
-def statistics(parts: Partition, labels: torch.Tensor, num_classes: int) -> dict:
-    """Sizes and label histograms per client plus a summary, ready to write as JSON."""
+def statistics(parts: Partition, labels: torch.Tensor, num_classes: int | None = None) -> dict:
+    """Sizes and label histograms per client plus a summary, ready to write as JSON.
+
+    ``labels`` has one class per sample (for a language model, the partition labels, e.g.
+    the play); ``num_classes`` defaults to the largest label + 1.
+    """
     y = labels.cpu()
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if len(y) else 0
     hist = torch.stack([torch.bincount(y[p.cpu()], minlength=num_classes) for p in parts])
     sizes = hist.sum(dim=1).float()
     classes_per_client = (hist > 0).sum(dim=1).float()

@@ -30,7 +30,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
@@ -213,10 +212,13 @@ class VectorizedEngine:
         optimizer = trainer.optimizer(list(params.values()))
         terms = _GradientTerms.of(trainer, tasks, params)
 
+        task = trainer.task
+
         def loss_fn(p, x, y, w):
             logits = functional_call(model, (p, buffers), (x,))
-            per_sample = F.cross_entropy(logits, y, reduction="none")
-            return (per_sample * w).sum() / w.sum().clamp_min(1.0), (per_sample, logits)
+            loss, count, hits, predicted = task.per_sample(logits, y)
+            mean = (loss * w).sum() / (count * w).sum().clamp_min(1.0)
+            return mean, (loss, count, hits, predicted)
 
         grad_fn = vmap(grad(loss_fn, has_aux=True), randomness="different")
         # [K, T, B] indices and 0/1 sample weights (padding of short batches has weight 0).
@@ -232,6 +234,7 @@ class VectorizedEngine:
                 torch.arange(batch, device=device) < sizes_t[:, None]
             ).float()
         loss_sum = torch.zeros(k, device=device)
+        loss_count = torch.zeros(k, device=device)
         correct = torch.zeros(k, device=device)
         seen = torch.zeros(k, device=device)
         active = k
@@ -240,15 +243,16 @@ class VectorizedEngine:
             x, y = trainer.train_x[idx], trainer.train_y[idx]
             if terms.flip is not None:
                 y = torch.where(terms.flip[:active, None], trainer.num_classes - 1 - y, y)
-            grads, (per_sample, logits) = grad_fn(params, x, y, w)
+            grads, (loss, count, hits, predicted) = grad_fn(params, x, y, w)
             for n, p in params.items():
                 p.grad = grads[n]
             terms.add_to(params, global_state, active)
             optimizer.step()
             terms.after_step(params, optimizer, active)
-            loss_sum[:active] += (per_sample.detach() * w).sum(1)
-            correct[:active] += ((logits.detach().argmax(-1) == y).float() * w).sum(1)
-            seen[:active] += w.sum(1)
+            loss_sum[:active] += (loss.detach() * w).sum(1)
+            loss_count[:active] += (count * w).sum(1)
+            correct[:active] += (hits * w).sum(1)
+            seen[:active] += (predicted * w).sum(1)
             still = sum(1 for s in num_steps[:active] if s > t + 1)
             if still < active:
                 flat = self._flatten_stacked(trainer, params, buffers, still, active)
@@ -257,7 +261,8 @@ class VectorizedEngine:
                 params, optimizer = _shrink(params, optimizer, trainer, still)
                 active = still
 
-        loss_cpu, correct_cpu, seen_cpu = loss_sum.tolist(), correct.tolist(), seen.tolist()
+        loss_cpu, count_cpu = loss_sum.tolist(), loss_count.tolist()
+        correct_cpu, seen_cpu = correct.tolist(), seen.tolist()
         initial = {}
         if any(t.initial_loss for t in tasks):  # the global model's loss on each client
             model.load_state_dict(global_state)
@@ -269,10 +274,10 @@ class VectorizedEngine:
         return [
             ClientResult(
                 client_id=c,
-                num_samples=len(shards[c]),
+                num_samples=trainer.client_size(shards[c]),
                 counters={key: global_state[key].clone() for key in trainer.counter_keys},
                 metrics={
-                    "train_loss": loss_cpu[row] / max(seen_cpu[row], 1),
+                    "train_loss": loss_cpu[row] / max(count_cpu[row], 1),
                     **(
                         {"train_accuracy": correct_cpu[row] / max(seen_cpu[row], 1)}
                         if trainer.train_accuracy

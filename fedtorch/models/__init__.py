@@ -1,11 +1,13 @@
 """Models: plain ``nn.Module`` classes whose constructor arguments are the YAML keys.
 
-``input_shape`` and ``num_classes`` are filled in from the dataset by the builder when the
-constructor accepts them, so a user's own model needs neither.
+``input_shape`` and ``num_classes`` (and ``vocab_size`` for a language-model dataset) are
+filled in from the dataset by the builder when the constructor accepts them, so a user's own
+model needs none of them.
 """
 
 from fedtorch.models.cnn import McMahanCNN, SimpleCNN
+from fedtorch.models.lstm import CharLSTM
 from fedtorch.models.mlp import MLP
 from fedtorch.models.resnet import ResNet18
 
-__all__ = ["MLP", "McMahanCNN", "ResNet18", "SimpleCNN"]
+__all__ = ["CharLSTM", "MLP", "McMahanCNN", "ResNet18", "SimpleCNN"]

@@ -32,6 +32,7 @@ from fedtorch.client import ClientTrainer
 from fedtorch.errors import ConfigError
 from fedtorch.privacy.accounting import PrivacyAccountant
 from fedtorch.results import ClientResult, ClientTask
+from fedtorch.tasks import Classification
 
 # Opacus's hooks fire on the first layer, whose input needs no gradient: expected, harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -65,6 +66,12 @@ class DPSGDTrainer(ClientTrainer):
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if not isinstance(self.task, Classification):
+            raise ConfigError(
+                "client",
+                "client=dpsgd supports classification datasets only (Opacus's mean reduction "
+                f"is per sample, not per token); this dataset is a {self.task.name} task",
+            )
         for key, value in (
             ("max_grad_norm", max_grad_norm),
             ("noise_multiplier", noise_multiplier),
