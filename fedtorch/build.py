@@ -231,7 +231,7 @@ def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(
             "model",
-            f"outputs {shape} but the dataset {data.name} ({task.name.replace('_', ' ')} task) "
+            f"outputs shape {shape} but the dataset {data.name} ({task.name.replace('_', ' ')}) "
             f"needs {task.describe_output(data.num_classes)}",
         )
     return model

@@ -97,7 +97,8 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "model output size != class count",
         ["model._target_=tests.plugins.WrongOutputNet"],
-        "model: outputs shape [2, 3] but the dataset synthetic needs [batch, 10] logits",
+        "model: outputs shape [2, 3] but the dataset synthetic (classification) needs "
+        "[batch, 10] logits",
     ),
     (
         "plug-in that does not import",

@@ -89,3 +89,28 @@ class HalfStepFedAvg(Strategy):
     def aggregate(self, global_vector, results, round_idx):
         self.calls += 1
         return global_vector + self.step * weighted_average(results.deltas, results.sample_counts())
+
+
+class LastTokenClassifier(nn.Module):
+    """A model with the wrong output for a language model: one prediction per sequence."""
+
+    def __init__(self, vocab_size: int = 90) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, 4)
+        self.head = nn.Linear(4, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(tokens[:, -1]))
+
+
+class BigramLM(nn.Module):
+    """A language model without recurrence (each position sees its own token), so the
+    vectorized engine can batch it: tests the language-model path of both engines."""
+
+    def __init__(self, vocab_size: int = 90, width: int = 8) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, width)
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embedding(tokens)))

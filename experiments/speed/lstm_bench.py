@@ -1,0 +1,111 @@
+"""Local training of the Shakespeare character LSTM: fedtorch's client trainer against a
+hand-written PyTorch loop on the same sequences, in sequences per second.
+
+Both train the same clients (round 1's cohort of the ``shakespeare`` preset, seed 0) from
+the same initial weights with SGD at lr 1, batches of 4 sequences in the same order
+(fedtorch's batch schedule), one epoch; the check that they did the same work is that
+their final weights agree. The two alternate, ``--repeats`` times each, in one process and
+one thread, so the host's drifting speed hits both alike.
+
+    python experiments/speed/lstm_bench.py --repeats 5      # writes results/lstm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_module
+
+from fedtorch.build import build
+from fedtorch.results import ClientTask
+from fedtorch.sampling import sample_clients
+
+HERE = Path(__file__).resolve().parent
+
+
+def hand_written(model, state, x, y, schedules, lr: float) -> dict:
+    """Per client: load the weights, plain SGD over the given batches, masked CE (pad 0)."""
+    for batches, sizes in schedules:
+        model.load_state_dict(state)
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        for row, size in zip(batches, sizes):
+            b = row[:size]
+            logits = model(x[b])
+            loss = F.cross_entropy(logits.flatten(0, 1), y[b].flatten(), ignore_index=0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--data-root", default="data")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    overrides = ["+experiment=shakespeare", f"data.root={args.data_root}", "logger=quiet"]
+    with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    orch = build(cfg, HERE / "outputs" / "lstm_bench")
+    trainer, shards = orch.trainer, orch.shards
+    cohort = sample_clients(len(shards), cfg.clients_per_round, cfg.seed, 1)
+    schedules = [trainer.schedule(c, shards[c], 1) for c in cohort]
+    sequences = sum(len(shards[c]) for c in cohort)
+    state = {k: v.clone() for k, v in orch.global_state.items()}
+    delta = torch.empty_like(orch.global_vector)
+    reference_model = type(trainer.model)()
+    reference_model.load_state_dict(state)
+
+    def fedtorch_loop() -> torch.Tensor:
+        for c in cohort:
+            trainer.train(ClientTask(c), shards[c], state, orch.global_vector, 1, delta)
+        return delta + orch.global_vector  # the last client's weights
+
+    times = {"hand-written": [], "fedtorch": []}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        ours = fedtorch_loop()
+        times["fedtorch"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        theirs = hand_written(
+            reference_model,
+            state,
+            trainer.train_x,
+            trainer.train_y,
+            schedules,
+            cfg.client.optimizer.lr,
+        )
+        times["hand-written"].append(time.perf_counter() - t0)
+    gap = float((ours - orch.layout.flatten(theirs)).abs().max())
+    result = {
+        "clients": len(cohort),
+        "sequences": sequences,
+        "steps": sum(len(s[1]) for s in schedules),
+        "repeats": args.repeats,
+        "max_weight_gap": gap,
+        **{
+            name: {
+                "median_s": statistics.median(t),
+                "sequences_per_s": sequences / statistics.median(t),
+                "all_s": [round(v, 3) for v in t],
+            }
+            for name, t in times.items()
+        },
+    }
+    result["fedtorch_time_ratio"] = (
+        result["fedtorch"]["median_s"] / result["hand-written"]["median_s"]
+    )
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "lstm.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
