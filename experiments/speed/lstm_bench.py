@@ -1,13 +1,14 @@
 """Local training of the Shakespeare character LSTM: fedtorch's client trainer against a
 hand-written PyTorch loop on the same sequences, in sequences per second.
 
-Both train the same clients (round 1's cohort of the ``shakespeare`` preset, seed 0) from
+Both train the same clients (the cohorts of the first ``--rounds`` rounds of the
+``shakespeare`` preset, seed 0, one after another) from
 the same initial weights with SGD at lr 1, batches of 4 sequences in the same order
 (fedtorch's batch schedule), one epoch; the check that they did the same work is that
 their final weights agree. The two alternate, ``--repeats`` times each, in one process and
 one thread, so the host's drifting speed hits both alike.
 
-    python experiments/speed/lstm_bench.py --repeats 5      # writes results/lstm.json
+    python experiments/speed/lstm_bench.py --rounds 4 --repeats 3   # writes results/lstm.json
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def hand_written(model, state, x, y, schedules, lr: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="cohorts of rounds 1..N")
     parser.add_argument("--data-root", default="data")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -55,17 +57,21 @@ def main() -> None:
         cfg = compose(config_name="train", overrides=overrides)
     orch = build(cfg, HERE / "outputs" / "lstm_bench")
     trainer, shards = orch.trainer, orch.shards
-    cohort = sample_clients(len(shards), cfg.clients_per_round, cfg.seed, 1)
-    schedules = [trainer.schedule(c, shards[c], 1) for c in cohort]
-    sequences = sum(len(shards[c]) for c in cohort)
+    work = [
+        (r, c)
+        for r in range(1, args.rounds + 1)
+        for c in sample_clients(len(shards), cfg.clients_per_round, cfg.seed, r)
+    ]
+    schedules = [trainer.schedule(c, shards[c], r) for r, c in work]
+    sequences = sum(len(shards[c]) for _, c in work)
     state = {k: v.clone() for k, v in orch.global_state.items()}
     delta = torch.empty_like(orch.global_vector)
     reference_model = type(trainer.model)()
     reference_model.load_state_dict(state)
 
     def fedtorch_loop() -> torch.Tensor:
-        for c in cohort:
-            trainer.train(ClientTask(c), shards[c], state, orch.global_vector, 1, delta)
+        for r, c in work:
+            trainer.train(ClientTask(c), shards[c], state, orch.global_vector, r, delta)
         return delta + orch.global_vector  # the last client's weights
 
     times = {"hand-written": [], "fedtorch": []}
@@ -85,7 +91,7 @@ def main() -> None:
         times["hand-written"].append(time.perf_counter() - t0)
     gap = float((ours - orch.layout.flatten(theirs)).abs().max())
     result = {
-        "clients": len(cohort),
+        "clients": len(work),
         "sequences": sequences,
         "steps": sum(len(s[1]) for s in schedules),
         "repeats": args.repeats,
