@@ -6,7 +6,8 @@ Both train the same clients (the cohorts of the first ``--rounds`` rounds of the
 the same initial weights with SGD at lr 1, batches of 4 sequences in the same order
 (fedtorch's batch schedule), one epoch; the check that they did the same work is that
 their final weights agree. The two alternate, ``--repeats`` times each, in one process and
-one thread, so the host's drifting speed hits both alike.
+one thread, so the host's drifting speed hits both alike. Then one step of 4 clients under
+``vmap`` (what the vectorized engine would run) against their 4 steps one after another.
 
     python experiments/speed/lstm_bench.py --rounds 4 --repeats 3   # writes results/lstm.json
 """
@@ -43,6 +44,45 @@ def hand_written(model, state, x, y, schedules, lr: float) -> dict:
             loss.backward()
             opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def vmap_against_loop(model, x, y, clients: int = 4, repeats: int = 3) -> dict:
+    """One step of ``clients`` clients: vmap(grad) over stacked weights (what the vectorized
+    engine would do) against the clients' steps one after another."""
+    import warnings
+
+    from torch.func import functional_call, grad, vmap
+
+    params = {
+        k: v.detach().unsqueeze(0).repeat(clients, *[1] * v.dim())
+        for k, v in model.named_parameters()
+    }
+    xs, ys = x[: 4 * clients].view(clients, 4, -1), y[: 4 * clients].view(clients, 4, -1)
+
+    def loss(p, xb, yb):
+        logits = functional_call(model, p, (xb,))
+        return F.cross_entropy(logits.flatten(0, 1), yb.flatten(), ignore_index=0)
+
+    step = vmap(grad(loss))
+    times = {"vmap": [], "one after another": []}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch's "no batching rule" performance warning
+        step(params, xs, ys)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step(params, xs, ys)
+            times["vmap"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for k in range(clients):
+                model.zero_grad()
+                loss(dict(model.named_parameters()), xs[k], ys[k]).backward()
+            times["one after another"].append(time.perf_counter() - t0)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "clients": clients,
+        **{f"{k}_s": round(v, 3) for k, v in medians.items()},
+        "vmap_time_ratio": medians["vmap"] / medians["one after another"],
+    }
 
 
 def main() -> None:
@@ -108,6 +148,7 @@ def main() -> None:
     result["fedtorch_time_ratio"] = (
         result["fedtorch"]["median_s"] / result["hand-written"]["median_s"]
     )
+    result["vmap_step"] = vmap_against_loop(reference_model, trainer.train_x, trainer.train_y)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "lstm.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
