@@ -201,7 +201,9 @@ def _set_memory_format(
         )
 
 
-def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.Module:
+def _setup_model(
+    cfg: DictConfig, data: DataBundle, device: torch.device, adapter: Any
+) -> nn.Module:
     provided = {
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
@@ -213,8 +215,11 @@ def _setup_model(cfg: DictConfig, data: DataBundle, device: torch.device) -> nn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seeding.derive_seed(cfg.seed, seeding.MODEL_INIT))
         model = _instantiate(cfg.model, "model", **kwargs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError("model._target_", f"must build an nn.Module, got {type(model).__name__}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                "model._target_", f"must build an nn.Module, got {type(model).__name__}"
+            )
+        model = adapter.apply(model)  # LoRA's A is initialised from the same seeded stream
     model = model.to(device)
     with torch.no_grad():
         model.eval()
@@ -325,9 +330,11 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     stats = partition_lib.statistics(shards, data.labels_for_partition)
     checkpoint.write_json(run_dir / "partition.json", stats)
 
-    model = _setup_model(cfg, data, device)
+    adapter = _instantiate(cfg.adapter, "adapter")
+    model = _setup_model(cfg, data, device, adapter)
     key_rules = expand_key_rules(model, OmegaConf.to_container(cfg.key_rules))
-    layout = StateLayout(model.state_dict(), key_rules)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    layout = StateLayout(model.state_dict(), key_rules, frozen)
     trainer = _instantiate(
         cfg.client,
         "client",
@@ -394,5 +401,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         checkpointing=checkpointing,
         privacy=privacy,
         secure_agg=secure_agg,
+        adapter=adapter,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

@@ -79,7 +79,7 @@ class ClientTrainer:
         self.train_x = train_x
         self.train_y = train_y
         self.optimizer = optimizer
-        self.local_optimizer = optimizer(model.parameters())
+        self.local_optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedtorch import checkpoint
+from fedtorch.adapters import NoAdapter
 from fedtorch.attacks import Attack
 from fedtorch.checkpoint import CheckpointSettings, Interrupted, deferred_interrupt
 from fedtorch.client import ClientTrainer
@@ -44,6 +45,8 @@ class Progress:
     last_eval: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    # Clients that have received the frozen (``keep``) weights, sent once per client.
+    base_sent: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
 
 
@@ -110,6 +113,7 @@ class Orchestrator:
         checkpointing: CheckpointSettings | None = None,
         privacy: DifferentialPrivacy | NoPrivacy | None = None,
         secure_agg: SecureAggregation | None = None,
+        adapter: Any = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -126,6 +130,7 @@ class Orchestrator:
         self.checkpointing = checkpointing or CheckpointSettings()
         self.privacy = privacy or NoPrivacy()
         self.secure_agg = secure_agg or SecureAggregation()
+        self.adapter = adapter or NoAdapter()
         self._round_metrics: dict[str, Any] = {}
         self.attack = attack or Attack(num_clients=len(self.shards), seed=settings.seed)
         self.shard_sizes = [len(s) for s in self.shards]
@@ -141,8 +146,10 @@ class Orchestrator:
         vector_bytes = layout.size * 4
         extra_down, extra_up = strategy.extra_vectors
         self.bytes_down_per_client = (
-            layout.bytes_of(self.global_state, ("mean", "max", "keep")) + extra_down * vector_bytes
+            layout.bytes_of(self.global_state, ("mean", "max")) + extra_down * vector_bytes
         )
+        # Frozen (keep) weights never change, so each client downloads them once.
+        self.bytes_down_once = layout.bytes_of(self.global_state, ("keep",))
         self.bytes_up_per_client = (
             layout.bytes_of(self.global_state, ("mean", "max")) + extra_up * vector_bytes
         )
@@ -197,7 +204,7 @@ class Orchestrator:
             self.logger.close()
         if self.checkpointing.every and not self._checkpoint_due(progress.round):
             self._save_checkpoint(progress)
-        checkpoint.save_state(self.global_state, self.run_dir / "model.pt")
+        self._save_model()
         last_eval = progress.last_eval
         summary = {
             "rounds_completed": progress.round,
@@ -211,6 +218,9 @@ class Orchestrator:
             "bytes_up": progress.bytes_up,
             "bytes_down": progress.bytes_down,
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
+            "trainable_parameters": sum(
+                p.numel() for p in self.model.parameters() if p.requires_grad
+            ),
             **self._privacy_summary(budget_stop),
             **self.extra_summary,
         }
@@ -251,7 +261,7 @@ class Orchestrator:
                 f"reported ({len(dropped)} dropped out, {failed} failed), fewer than "
                 f"min_clients={s.min_clients}"
             )
-        row: dict[str, Any] = {"round": round_idx, "clients": trained, "sampled": len(cohort)}
+        row: dict[str, Any] = {"round": round_idx, "clients": trained, "sampled": list(cohort)}
         if self.system.dropout:
             row["dropped"] = len(dropped)
         row["failed"] = failed
@@ -311,11 +321,17 @@ class Orchestrator:
         if pipeline is not None:
             self._apply(pipeline, round_idx)
             self.trainer.commit_local_state([c.client_id for c in pipeline.clients])
+        base_sent = progress.base_sent
+        if self.bytes_down_once:
+            base_sent = sorted(set(base_sent) | set(sampled))
         progress = replace(
             progress,
             round=round_idx,
-            bytes_down=progress.bytes_down + self.bytes_down_per_client * sampled,
+            bytes_down=progress.bytes_down
+            + self.bytes_down_per_client * len(sampled)
+            + self.bytes_down_once * (len(base_sent) - len(progress.base_sent)),
             bytes_up=progress.bytes_up + self.bytes_up_per_client * row["clients"],
+            base_sent=base_sent,
         )
         if round_idx % s.eval_every == 0 or round_idx == s.rounds:
             progress.last_eval = self._evaluate()
@@ -345,6 +361,17 @@ class Orchestrator:
             "stopped_by_privacy_budget": budget_stop,
         }
 
+    def _save_model(self) -> None:
+        """``model.pt``: the final global ``state_dict`` (with an adapter, the base model
+        with the adapter merged in), and the adapter in peft's format under ``adapter/``."""
+        if not self.adapter.enabled:
+            checkpoint.save_state(self.global_state, self.run_dir / "model.pt")
+            return
+        self.model.load_state_dict(self.global_state)
+        self.adapter.save(self.model, self.run_dir / "adapter")
+        merged = self.adapter.merged(self.model).state_dict()
+        checkpoint.save_state(merged, self.run_dir / "model.pt")
+
     def _checkpoint_due(self, round_idx: int) -> bool:
         every = self.checkpointing.every
         return bool(every) and (round_idx % every == 0 or round_idx == self.settings.rounds)
@@ -355,7 +382,12 @@ class Orchestrator:
             "format": checkpoint.FORMAT,
             "round": progress.round,
             "config": self.checkpointing.config,
-            "global_state": {k: v.detach().cpu() for k, v in self.global_state.items()},
+            # Frozen (keep) weights never change and are rebuilt identically: left out.
+            "global_state": {
+                k: v.detach().cpu()
+                for k, v in self.global_state.items()
+                if self.layout.rules[k] != "keep"
+            },
             "global_vector": self.global_vector.detach().cpu(),
             "strategy": self.strategy.state_dict(),
             "privacy": self.privacy.state_dict(),

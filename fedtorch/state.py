@@ -14,7 +14,9 @@ gets one rule, decided once per run:
     integer buffers such as ``num_batches_tracked``: they are counters, never averaged as
     floats, and keep their integer dtype.
 ``keep``
-    sent to clients but never sent back; the server's value never changes (frozen keys).
+    sent to clients but never sent back; the server's value never changes. The default for
+    frozen parameters (``requires_grad=False``, such as a base model under LoRA adapters):
+    a client receives them once, not every round.
 ``local``
     never exchanged: each client keeps its own value across rounds (FedBN, personal
     heads). The global model keeps its initial value for these keys.
@@ -29,7 +31,7 @@ biases and running statistics), whatever the layers are called: FedBN is
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,12 +60,18 @@ class StateLayout:
     Args:
         state: a reference ``state_dict`` (shapes and dtypes are read from it).
         key_rules: ``[{pattern, rule}, ...]`` overrides, first match wins.
+        frozen: names of frozen parameters, whose default rule is ``keep``.
 
     Raises:
         ConfigError: a rule name is unknown or a pattern is not a valid regex.
     """
 
-    def __init__(self, state: Mapping[str, torch.Tensor], key_rules: Sequence[Mapping] = ()):
+    def __init__(
+        self,
+        state: Mapping[str, torch.Tensor],
+        key_rules: Sequence[Mapping] = (),
+        frozen: Collection[str] = (),
+    ):
         compiled = []
         for i, entry in enumerate(key_rules):
             rule = entry.get("rule")
@@ -76,6 +84,8 @@ class StateLayout:
         self.rules: dict[str, str] = {}
         for name, tensor in state.items():
             default = "mean" if tensor.is_floating_point() else "max"
+            if name in frozen:
+                default = "keep"
             self.rules[name] = next((r for p, r in compiled if p.search(name)), default)
             if self.rules[name] == "mean" and not tensor.is_floating_point():
                 raise ConfigError(

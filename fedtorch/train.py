@@ -59,12 +59,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     summary = orchestrator.run()
     log.info(
         "done: final accuracy %.4f, best %.4f (round %s), %.1fs",
-        summary["final_accuracy"] or float("nan"),
-        summary["best_accuracy"] or float("nan"),
+        _or_nan(summary["final_accuracy"]),
+        _or_nan(summary["best_accuracy"]),
         summary["best_round"],
         summary["wall_time_s"],
     )
     return summary
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _log_to_files(line: str) -> None:

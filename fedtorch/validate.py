@@ -19,6 +19,7 @@ _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 GROUPS = (
     "model",
+    "adapter",
     "data",
     "partition",
     "strategy",

@@ -214,7 +214,9 @@ class VectorizedEngine:
         seeding.seed_torch(
             seeding.derive_seed(trainer.seed, seeding.CLIENT_TRAINING, round_idx, cohort[0]), device
         )
-        param_names = [n for n, _ in model.named_parameters()]
+        # Only trainable parameters are stacked per client; frozen ones (a base model under
+        # LoRA) are shared by the cohort like buffers.
+        param_names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = {
             n: global_state[n].detach().unsqueeze(0).repeat_interleave(k, 0) for n in param_names
         }

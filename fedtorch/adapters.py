@@ -1,0 +1,169 @@
+"""Parameter-efficient fine-tuning: train and exchange small adapters, not the whole model.
+
+``adapter=lora`` wraps the model with ``peft``'s LoRA (Hu et al. 2022): each targeted layer
+``W`` becomes ``W + (alpha / r) B A`` with trainable ``A`` [r, in] and ``B`` [out, r] (B
+starts at zero, so training starts from the base model) and ``W`` frozen. Frozen
+parameters get the ``keep`` aggregation rule: the server sends them to a client once and
+never receives them back; only ``A`` and ``B`` travel each round and are averaged
+(FedAvg of A and B separately, as FedIT, OpenFedLLM and FlowerTune do), so every
+mean-based strategy works unchanged.
+
+``peft`` is an optional dependency: ``pip install "fedtorch[llm]"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedtorch.errors import ConfigError
+
+# Layer types LoRA can wrap (peft's LoRA layers).
+_LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+_OUTPUT_NAMES = ("lm_head", "head", "classifier", "output")
+
+
+def import_peft() -> Any:
+    """``peft``, or a one-line ConfigError naming the extra that installs it."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise ConfigError(
+            "adapter", f'adapter=lora needs peft: pip install "fedtorch[llm]" ({exc})'
+        ) from exc
+    return peft
+
+
+class NoAdapter:
+    """Train and exchange the whole model (``adapter=none``)."""
+
+    enabled = False
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """Nothing to write besides ``model.pt``."""
+
+
+def linear_layers(model: nn.Module) -> list[str]:
+    """Names of the layers ``target_modules=all-linear`` selects: every ``nn.Linear`` but the
+    output layer (Hugging Face's ``get_output_embeddings()``, or a layer named lm_head,
+    head, classifier or output), as peft's ``all-linear`` does for Hugging Face models."""
+    output = None
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        output = getter()
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not output
+        and name.rsplit(".", 1)[-1] not in _OUTPUT_NAMES
+    ]
+
+
+class LoRA:
+    """LoRA adapters through ``peft`` on any model, fedtorch's or a user's.
+
+    Args:
+        r: rank of the update ``B A`` (> 0).
+        alpha: scale numerator; the update is ``(alpha / r) B A``.
+        dropout: dropout on the adapter's input, in [0, 1).
+        target_modules: ``all-linear`` (every linear layer but the output layer) or a list
+            of module names or regexes, matched against the end of each module's name as
+            peft does (``["qkv", "proj"]``).
+    """
+
+    enabled = True
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: str | Sequence[str] = "all-linear",
+    ) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ConfigError("adapter.r", f"must be an integer >= 1, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError("adapter.alpha", f"must be a number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise ConfigError("adapter.dropout", f"must be in [0, 1), got {dropout!r}")
+        if not 0 <= dropout < 1:
+            raise ConfigError("adapter.dropout", f"must be in [0, 1), got {dropout!r}")
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            target_modules = [target_modules]
+        if not isinstance(target_modules, str) and not all(
+            isinstance(t, str) and t for t in target_modules
+        ):
+            raise ConfigError(
+                "adapter.target_modules",
+                f"must be all-linear or a list of module names, got {target_modules!r}",
+            )
+        self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
+        self.target_modules = (
+            target_modules if isinstance(target_modules, str) else list(target_modules)
+        )
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """The module names the adapter wraps; ConfigError if there are none."""
+        kind = type(model).__name__
+        if self.target_modules == "all-linear":
+            names = linear_layers(model)
+            if not names:
+                raise ConfigError(
+                    "adapter.target_modules",
+                    f"all-linear: {kind} has no linear layer besides its output layer; name "
+                    "layers LoRA can wrap (Linear, Embedding, Conv) in adapter.target_modules",
+                )
+            return names
+        names, unmatched = [], []
+        candidates = [(n, m) for n, m in model.named_modules() if n]
+        for pattern in self.target_modules:
+            hits = [
+                n
+                for n, m in candidates
+                if (n == pattern or n.endswith("." + pattern) or re.fullmatch(pattern, n))
+                and isinstance(m, _LORA_TYPES)
+            ]
+            if not hits:
+                unmatched.append(pattern)
+            names += [n for n in hits if n not in names]
+        if unmatched:
+            layers = [n for n, m in candidates if isinstance(m, _LORA_TYPES)]
+            shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
+            raise ConfigError(
+                "adapter.target_modules",
+                f"{', '.join(map(repr, unmatched))} matches no Linear, Embedding or Conv layer "
+                f"of {kind} (its layers: {shown or 'none'})",
+            )
+        return names
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The model wrapped by peft with LoRA on :meth:`targets`; the rest frozen."""
+        peft = import_peft()
+        config = peft.LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.targets(model),
+            bias="none",
+        )
+        return peft.get_peft_model(model, config)
+
+    def merged(self, model: nn.Module) -> nn.Module:
+        """A copy of the base model with ``(alpha / r) B A`` folded into its weights."""
+        return copy.deepcopy(model).merge_and_unload()
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        """The adapter in peft's ``save_pretrained`` format (``PeftModel.from_pretrained``)."""
+        model.save_pretrained(str(folder))

@@ -1,0 +1,143 @@
+"""LoRA adapters through peft: what is trained, exchanged, saved and resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedtorch.build import build
+from fedtorch.errors import ConfigError
+from fedtorch.models import GPT
+from tests.conftest import compose_config
+from tests.shakespeare_fixture import write_plays
+
+peft = pytest.importorskip("peft", reason="adapter tests need the llm extra (peft)")
+
+TINY_GPT = [
+    "model=gpt",
+    "model.n_layer=1",
+    "model.n_embd=16",
+    "model.n_head=2",
+    "model.block_size=16",
+]
+
+
+def lora_run(root, extra=()) -> list[str]:
+    model = [o for o in extra if o.startswith("model=")] or TINY_GPT
+    return [
+        "dataset=shakespeare",
+        f"data.root={root}",
+        "data.sequence_length=16",
+        "data.train_fraction=0.5",
+        *model,
+        "adapter=lora",
+        "adapter.r=2",
+        "partition=natural",
+        "rounds=2",
+        "clients_per_round=4",
+        "client.batch_size=2",
+        "client.optimizer.lr=0.5",
+        "device=cpu",
+        "logger=quiet",
+        *(o for o in extra if not o.startswith("model=")),
+    ]
+
+
+@pytest.fixture
+def plays(tmp_path):
+    return write_plays(tmp_path / "data")
+
+
+def test_lora_exchanges_only_the_adapter_and_leaves_the_base_untouched(tmp_path, plays):
+    orch = build(compose_config(lora_run(plays)), tmp_path / "run")
+    before = {k: v.clone() for k, v in orch.global_state.items()}
+    adapter_keys = [k for k in orch.layout.rules if "lora_" in k]
+    base_keys = orch.layout.keys("keep")
+    assert adapter_keys and set(orch.layout.keys("mean")) == set(adapter_keys)
+    assert base_keys and not set(base_keys) & set(adapter_keys)
+    summary = orch.run()
+    adapter_bytes = sum(before[k].numel() * before[k].element_size() for k in adapter_keys)
+    base_bytes = sum(before[k].numel() * before[k].element_size() for k in base_keys)
+    # 4 clients a round, 2 rounds: the adapter both ways every round, the base down once.
+    assert summary["bytes_up"] == 2 * 4 * adapter_bytes
+    assert summary["bytes_down"] == 2 * 4 * adapter_bytes + 4 * base_bytes
+    for k in base_keys:
+        assert torch.equal(orch.global_state[k], before[k]), k
+    assert any(not torch.equal(orch.global_state[k], before[k]) for k in adapter_keys)
+    assert summary["trainable_parameters"] == sum(before[k].numel() for k in adapter_keys)
+
+
+def test_saved_adapter_and_merged_model_reproduce_the_global_model(tmp_path, plays):
+    orch = build(compose_config(lora_run(plays)), tmp_path / "run")
+    orch.run()
+    tokens = orch.data.test_x[:3]
+    orch.model.load_state_dict(orch.global_state)
+    orch.model.eval()
+    with torch.no_grad():
+        expected = orch.model(tokens)
+    base = GPT(vocab_size=90, n_layer=1, n_embd=16, n_head=2, block_size=16)
+    base.load_state_dict(
+        {
+            k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+            for k, v in orch.global_state.items()
+            if "lora_" not in k
+        }
+    )
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+    merged = GPT(vocab_size=90, n_layer=1, n_embd=16, n_head=2, block_size=16).eval()
+    merged.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens), expected, atol=1e-6)
+        assert torch.allclose(merged(tokens), expected, atol=1e-5)
+
+
+def test_lora_checkpoint_holds_no_base_and_resumes_bit_identically(tmp_path, plays):
+    straight = build(compose_config(lora_run(plays, ["rounds=4"])), tmp_path / "straight")
+    straight.run()
+    first = compose_config(lora_run(plays, ["rounds=2", "checkpoint.every=1"]))
+    build(first, tmp_path / "split").run()
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "round_000002.pt", weights_only=False)
+    assert all("lora_" in k for k in saved["global_state"])
+    again = compose_config(lora_run(plays, ["rounds=4", "checkpoint.every=1", "resume=true"]))
+    resumed = build(again, tmp_path / "split")
+    resumed.run()
+    assert torch.equal(resumed.global_vector, straight.global_vector)
+    rows = [
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("straight", "split")
+    ]
+    key = ("round", "train_loss", "test_loss", "bytes_up", "bytes_down")
+    assert [[r[k] for k in key] for r in rows[0]] == [[r[k] for k in key] for r in rows[1]]
+
+
+def test_both_engines_train_lora_alike(tmp_path, plays):
+    vectors = {}
+    for engine in ("sequential", "vectorized"):
+        orch = build(compose_config(lora_run(plays, [f"engine={engine}"])), tmp_path / engine)
+        orch.run()
+        vectors[engine] = orch.global_vector
+    assert torch.allclose(vectors["sequential"], vectors["vectorized"], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["adapter.r=0"], "adapter.r: must be an integer >= 1, got 0"),
+        (
+            ["adapter.target_modules=[nope]"],
+            "adapter.target_modules: 'nope' matches no Linear, Embedding or Conv layer of GPT",
+        ),
+        (
+            ["model=char_lstm"],
+            "adapter.target_modules: all-linear: CharLSTM has no linear layer besides its "
+            "output layer",
+        ),
+    ],
+)
+def test_bad_adapter_settings_fail_before_training(tmp_path, plays, overrides, message):
+    cfg = compose_config(lora_run(plays, overrides))
+    with pytest.raises(ConfigError) as err:
+        build(cfg, tmp_path / "run")
+    assert str(err.value).startswith(message), str(err.value)
