@@ -148,22 +148,44 @@ class LoRA:
             )
         return names
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """The model wrapped by peft with LoRA on :meth:`targets`; the rest frozen."""
-        peft = import_peft()
-        config = peft.LoraConfig(
+    def _config(self, peft: Any, targets: str | list[str]) -> Any:
+        return peft.LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=self.targets(model),
+            target_modules=targets,
             bias="none",
         )
-        return peft.get_peft_model(model, config)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """The model wrapped by peft with LoRA on :meth:`targets`; the rest frozen.
+
+        A Hugging Face model (``model=hf``: its ``hf_model``) is handed to peft as it is,
+        and peft resolves the targets (``all-linear`` included, transformers' Conv1D too).
+        """
+        peft = import_peft()
+        inner = getattr(model, "hf_model", None)
+        if inner is None:
+            return peft.get_peft_model(model, self._config(peft, self.targets(model)))
+        try:
+            model.hf_model = peft.get_peft_model(inner, self._config(peft, self.target_modules))
+        except ValueError as exc:
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise ConfigError("adapter.target_modules", reason) from exc
+        return model
+
+    @staticmethod
+    def _peft_model(model: nn.Module) -> Any:
+        return getattr(model, "hf_model", model)
 
     def merged(self, model: nn.Module) -> nn.Module:
         """A copy of the base model with ``(alpha / r) B A`` folded into its weights."""
-        return copy.deepcopy(model).merge_and_unload()
+        copied = copy.deepcopy(model)
+        if hasattr(copied, "hf_model"):
+            copied.hf_model = copied.hf_model.merge_and_unload()
+            return copied
+        return copied.merge_and_unload()
 
     def save(self, model: nn.Module, folder: Path) -> None:
         """The adapter in peft's ``save_pretrained`` format (``PeftModel.from_pretrained``)."""
-        model.save_pretrained(str(folder))
+        self._peft_model(model).save_pretrained(str(folder))

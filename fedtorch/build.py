@@ -333,7 +333,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     adapter = _instantiate(cfg.adapter, "adapter")
     model = _setup_model(cfg, data, device, adapter)
     key_rules = expand_key_rules(model, OmegaConf.to_container(cfg.key_rules))
-    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    # keep_vars: tied aliases (a Hugging Face lm_head sharing the embedding) count too.
+    frozen = {
+        k
+        for k, v in model.state_dict(keep_vars=True).items()
+        if isinstance(v, nn.Parameter) and not v.requires_grad
+    }
     layout = StateLayout(model.state_dict(), key_rules, frozen)
     trainer = _instantiate(
         cfg.client,

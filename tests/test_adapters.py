@@ -141,3 +141,47 @@ def test_bad_adapter_settings_fail_before_training(tmp_path, plays, overrides, m
     with pytest.raises(ConfigError) as err:
         build(cfg, tmp_path / "run")
     assert str(err.value).startswith(message), str(err.value)
+
+
+def test_hugging_face_model_from_a_config_trains_with_lora(tmp_path, plays):
+    pytest.importorskip("transformers")
+    hf = [
+        "model=hf",
+        "model.config.n_layer=1",
+        "model.config.n_embd=16",
+        "model.config.n_positions=16",
+    ]
+    orch = build(compose_config(lora_run(plays, hf)), tmp_path / "run")
+    assert set(orch.layout.keys("mean")) == {k for k in orch.layout.rules if "lora_" in k}
+    summary = orch.run()
+    assert summary["rounds_completed"] == 2 and summary["final_loss"] < 5.0
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model=hf", "model.name_or_path=no-such/model", "model.config=null"],
+            "model.name_or_path: cannot load 'no-such/model'",
+        ),
+        (["model=hf", "adapter.target_modules=[nope]"], "adapter.target_modules: Target modules"),
+    ],
+)
+def test_bad_hugging_face_settings_fail_before_training(
+    tmp_path, plays, monkeypatch, overrides, message
+):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError) as err:
+        build(compose_config(lora_run(plays, overrides)), tmp_path / "run")
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_sequence_model_on_a_classification_dataset_fails_in_one_line(tmp_path):
+    cfg = compose_config(["dataset=synthetic", *TINY_GPT, "device=cpu"])
+    with pytest.raises(ConfigError) as err:
+        build(cfg, tmp_path)
+    assert str(err.value).startswith("model: forward pass on inputs of shape [1, 8, 8] failed")

@@ -7,8 +7,9 @@ model needs none of them.
 
 from fedtorch.models.cnn import McMahanCNN, SimpleCNN
 from fedtorch.models.gpt import GPT
+from fedtorch.models.hf import HuggingFaceModel
 from fedtorch.models.lstm import CharLSTM
 from fedtorch.models.mlp import MLP
 from fedtorch.models.resnet import ResNet18
 
-__all__ = ["GPT", "CharLSTM", "MLP", "McMahanCNN", "ResNet18", "SimpleCNN"]
+__all__ = ["GPT", "CharLSTM", "HuggingFaceModel", "MLP", "McMahanCNN", "ResNet18", "SimpleCNN"]

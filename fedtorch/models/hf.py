@@ -1,0 +1,96 @@
+"""Hugging Face ``transformers`` models as fedtorch models (``model=hf``, the llm extra).
+
+``AutoModelForCausalLM`` (``head=causal_lm``, logits [B, T, V]) or
+``AutoModelForSequenceClassification`` (``head=sequence_classification``, logits [B, C]),
+built either from weights (``name_or_path``: a local folder, or a hub id already in the
+local cache or reachable) with ``from_pretrained``, or from a config (``config``: a dict
+with ``model_type`` and the architecture's keys) with ``from_config``, which needs no
+download. The wrapper returns plain logits, which is what fedtorch's tasks read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedtorch.errors import ConfigError
+
+HEADS = ("causal_lm", "sequence_classification")
+
+
+def import_transformers() -> Any:
+    """``transformers``, or a one-line ConfigError naming the extra that installs it."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ConfigError(
+            "model", f"model=hf needs transformers: pip install \"fedtorch[llm]\" ({exc})"
+        ) from exc
+    return transformers
+
+
+class HuggingFaceModel(nn.Module):
+    """A ``transformers`` model whose forward takes token ids and returns logits.
+
+    Args:
+        name_or_path: folder or hub id for ``from_pretrained`` (null: build from ``config``).
+        config: ``{model_type: gpt2, n_layer: 2, ...}`` for ``from_config``.
+        head: ``causal_lm`` or ``sequence_classification``.
+        vocab_size: filled in from the dataset; sets the config's vocabulary (from_config).
+        num_classes: labels of ``sequence_classification`` (filled in from the dataset).
+        gradient_checkpointing: recompute activations in backward (less memory, more time).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        head: str = "causal_lm",
+        vocab_size: int | None = None,
+        num_classes: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        transformers = import_transformers()
+        if head not in HEADS:
+            raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
+        if (name_or_path is None) == (config is None):
+            raise ConfigError(
+                "model", "give exactly one of model.name_or_path (weights) or model.config"
+            )
+        auto = (
+            transformers.AutoModelForCausalLM
+            if head == "causal_lm"
+            else transformers.AutoModelForSequenceClassification
+        )
+        extra = {"num_labels": num_classes} if head == "sequence_classification" else {}
+        if name_or_path is not None:
+            try:
+                self.hf_model = auto.from_pretrained(str(name_or_path), **extra)
+            except (OSError, ValueError) as exc:
+                reason = str(exc).strip().splitlines()[0][:200]
+                raise ConfigError(
+                    "model.name_or_path",
+                    f"cannot load {name_or_path!r} ({reason}); offline, give a folder holding "
+                    "config.json and the weights, or build from model.config",
+                ) from exc
+        else:
+            settings = dict(config)
+            model_type = settings.pop("model_type", None)
+            if not model_type:
+                raise ConfigError("model.config", "needs model_type (e.g. gpt2, llama)")
+            if vocab_size is not None:
+                settings.setdefault("vocab_size", vocab_size)
+            try:
+                hf_config = transformers.AutoConfig.for_model(model_type, **settings, **extra)
+            except (ValueError, KeyError) as exc:
+                raise ConfigError("model.config", f"{type(exc).__name__}: {exc}") from exc
+            self.hf_model = auto.from_config(hf_config)
+        if gradient_checkpointing:
+            self.hf_model.gradient_checkpointing_enable()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=tokens).logits
