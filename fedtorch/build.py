@@ -219,6 +219,8 @@ def _setup_model(
             raise ConfigError(
                 "model._target_", f"must build an nn.Module, got {type(model).__name__}"
             )
+        if cfg.get("init_from"):
+            _load_initial_weights(model, Path(str(cfg.init_from)).expanduser())
         model = adapter.apply(model)  # LoRA's A is initialised from the same seeded stream
     model = model.to(device)
     with torch.no_grad():
@@ -240,6 +242,28 @@ def _setup_model(
             f"needs {task.describe_output(data.num_classes)}",
         )
     return model
+
+
+def _load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Start from a saved ``state_dict`` (``init_from``: a run's ``model.pt``, say)."""
+    if not path.is_file():
+        raise ConfigError("init_from", f"{path} is not a file (give a model.pt of a run)")
+    try:
+        state = checkpoint.load_state(path)
+    except Exception as exc:
+        raise ConfigError("init_from", f"{path}: not a readable state_dict ({exc})") from exc
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or extra or wrong:
+        parts = [
+            f"{label} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+            for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+            if keys
+        ]
+        raise ConfigError("init_from", f"{path} does not fit the model: {'; '.join(parts)}")
+    model.load_state_dict(state)
 
 
 def _averages_plainly(strategy: Any) -> bool:

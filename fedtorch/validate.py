@@ -90,6 +90,9 @@ def validate_config(cfg: DictConfig) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ConfigError("aggregation.memory_budget_mb", f"must be a number > 0, got {budget!r}")
     _bool(cfg, "resume_force")
+    init_from = cfg.get("init_from")
+    if init_from is not None and (not isinstance(init_from, str) or not init_from):
+        raise ConfigError("init_from", f"must be null or a path, got {init_from!r}")
     resume = cfg.get("resume")
     if not isinstance(resume, (bool, str)) or resume == "":
         raise ConfigError("resume", f"must be false, true or a run folder, got {resume!r}")

@@ -26,14 +26,14 @@ TINY_GPT = [
 
 def lora_run(root, extra=()) -> list[str]:
     model = [o for o in extra if o.startswith("model=")] or TINY_GPT
+    adapter = [o for o in extra if o.startswith("adapter=")] or ["adapter=lora", "adapter.r=2"]
     return [
         "dataset=shakespeare",
         f"data.root={root}",
         "data.sequence_length=16",
         "data.train_fraction=0.5",
         *model,
-        "adapter=lora",
-        "adapter.r=2",
+        *adapter,
         "partition=natural",
         "rounds=2",
         "clients_per_round=4",
@@ -41,7 +41,7 @@ def lora_run(root, extra=()) -> list[str]:
         "client.optimizer.lr=0.5",
         "device=cpu",
         "logger=quiet",
-        *(o for o in extra if not o.startswith("model=")),
+        *(o for o in extra if not o.startswith(("model=", "adapter="))),
     ]
 
 
@@ -185,3 +185,45 @@ def test_sequence_model_on_a_classification_dataset_fails_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         build(cfg, tmp_path)
     assert str(err.value).startswith("model: forward pass on inputs of shape [1, 8, 8] failed")
+
+
+def test_init_from_starts_the_base_from_saved_weights(tmp_path, plays):
+    first = compose_config(lora_run(plays, ["adapter=none", "rounds=1"]))
+    build(first, tmp_path / "full").run()
+    saved = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    cfg = compose_config(lora_run(plays, [f"init_from={tmp_path / 'full' / 'model.pt'}"]))
+    orch = build(cfg, tmp_path / "lora")
+    for key in orch.layout.keys("keep"):
+        plain = key.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(orch.global_state[key], saved[plain]), key
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("{tmp}/nowhere.pt", "init_from: {tmp}/nowhere.pt is not a file"),
+        ("{tmp}/other.pt", "init_from: {tmp}/other.pt does not fit the model: missing"),
+    ],
+)
+def test_bad_init_from(tmp_path, plays, value, message):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
+    value, message = value.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    with pytest.raises(ConfigError) as err:
+        build(compose_config(lora_run(plays, [f"init_from={value}"])), tmp_path / "run")
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_privacy_and_secure_aggregation_work_on_adapter_updates(tmp_path, plays):
+    extra = [
+        "privacy=dp_central",
+        "privacy.noise_multiplier=0.5",
+        "secure_aggregation.enabled=true",
+        "clients_per_round=3",
+    ]
+    orch = build(compose_config(lora_run(plays, extra)), tmp_path / "run")
+    before = {k: v.clone() for k, v in orch.global_state.items()}
+    summary = orch.run()
+    assert summary["epsilon"] > 0
+    for key in orch.layout.keys("keep"):
+        assert torch.equal(orch.global_state[key], before[key])
+    assert not torch.equal(orch.global_vector, orch.layout.flatten(before))

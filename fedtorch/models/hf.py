@@ -27,7 +27,7 @@ def import_transformers() -> Any:
         import transformers
     except ImportError as exc:
         raise ConfigError(
-            "model", f"model=hf needs transformers: pip install \"fedtorch[llm]\" ({exc})"
+            "model", f'model=hf needs transformers: pip install "fedtorch[llm]" ({exc})'
         ) from exc
     return transformers
 
