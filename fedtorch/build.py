@@ -373,6 +373,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         train_y=data.train_y,
         seed=cfg.seed,
         task=data.task,
+        precision=cfg.precision,
     )
     _set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
     engine = _instantiate(cfg.engine, "engine")

@@ -140,9 +140,22 @@ def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys added to the config after checkpoints were first written, with the value that
+# behaves as the code did before them: a checkpoint without the key resumes when the key
+# still has that value.
+ADDED_KEYS: dict[str, Any] = {
+    "adapter._target_": "fedtorch.adapters.NoAdapter",
+    "init_from": None,
+    "precision": 32,
+    "client.grad_accum_steps": 1,
+}
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``key (old -> new)`` for every key whose value differs or exists on one side only."""
+    """``key (old -> new)`` for every key whose value differs or exists on one side only
+    (a key of :data:`ADDED_KEYS` missing from ``old`` counts as its neutral value)."""
     missing = object()
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k not in old and k in new}, **old}
     return [
         f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
         for k in sorted(set(old) | set(new))

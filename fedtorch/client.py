@@ -45,6 +45,11 @@ class ClientTrainer:
             derive from ``(seed, round, client)``, so results do not depend on client order.
         task: what ``train_y`` means (:mod:`fedtorch.tasks`); the builder passes the
             dataset's. Classification by default.
+        grad_accum_steps: split each minibatch into this many micro-batches and add up
+            their gradients before the step (the same update, less activation memory).
+        precision: ``32``, ``bf16-mixed`` (autocast to bfloat16; CPU or CUDA) or
+            ``16-mixed`` (autocast to float16 with a gradient scaler; CUDA only). The
+            builder passes the top-level ``precision``.
 
     Raises:
         ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range.
@@ -67,6 +72,8 @@ class ClientTrainer:
         prox_mu: float = 0.0,
         seed: int = 0,
         task: Task | None = None,
+        grad_accum_steps: int = 1,
+        precision: str | int = "32",
     ) -> None:
         if steps is None and (not isinstance(epochs, int) or epochs < 1):
             raise ConfigError("client.epochs", f"must be an integer >= 1, got {epochs!r}")
@@ -90,6 +97,18 @@ class ClientTrainer:
         self._param_names = [n for n, _ in model.named_parameters()]
         self.seed = seed
         self.task = task or Classification()
+        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int):
+            raise ConfigError(
+                "client.grad_accum_steps", f"must be an integer >= 1, got {grad_accum_steps!r}"
+            )
+        if grad_accum_steps < 1:
+            raise ConfigError(
+                "client.grad_accum_steps", f"must be an integer >= 1, got {grad_accum_steps!r}"
+            )
+        self.grad_accum_steps = grad_accum_steps
+        self.precision = str(precision)
+        self.autocast_dtype = _autocast_dtype(self.precision, train_x.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
         self.device = train_x.device
         self.num_classes = int(train_y.max()) + 1 if len(train_y) else 0
         # Each training row's weight in its client's size (1, or its tokens).
@@ -160,6 +179,36 @@ class ClientTrainer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for a batch (DP-SGD wraps the model to get per-sample grads)."""
         return self.model(x)
+
+    def _accumulate(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """Backward over ``grad_accum_steps`` micro-batches (under autocast if asked), each
+        loss weighted by its share of the batch's samples or tokens, so the summed gradient
+        is the whole batch's. Returns the logits, the batch's mean loss and its count."""
+        pieces = [
+            (xm, ym)
+            for xm, ym in zip(
+                x.tensor_split(self.grad_accum_steps), y.tensor_split(self.grad_accum_steps)
+            )
+            if len(xm)
+        ]
+        counts = [self.task.loss_count(ym) for _, ym in pieces]
+        total = sum(counts)
+        outputs, loss_sum = [], torch.zeros((), device=x.device)
+        for (xm, ym), count in zip(pieces, counts):
+            with torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ):
+                logits = self.forward(xm)
+                loss, _ = self.task.loss(logits, ym)
+            share = loss.float() * (count / total)
+            (self.scaler.scale(share) if self.scaler is not None else share).backward()
+            outputs.append(logits.detach())
+            loss_sum += share.detach()
+        return torch.cat(outputs), loss_sum, total
 
     def privatize_gradients(
         self, batch_size: int, client_id: int, round_idx: int, step: int
@@ -237,14 +286,24 @@ class ClientTrainer:
             x, y = self.train_x[batch], self.train_y[batch]
             if task.flip_labels:
                 y = self.num_classes - 1 - y
-            logits = self.forward(x)
-            loss, count = self.task.loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.grad_accum_steps == 1 and self.autocast_dtype is None:
+                logits = self.forward(x)
+                loss, count = self.task.loss(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                logits, loss, count = self._accumulate(x, y)
             self.privatize_gradients(size, client_id, round_idx, step)
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
             if mu or corrections:
                 _add_gradient_terms(params, anchors, mu, corrections)
-            optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
             if step_corrections:
                 _apply_step_corrections(params, step_corrections, optimizer)
             losses.append(loss.detach())
@@ -281,6 +340,23 @@ class ClientTrainer:
             counters={k: state[k].detach().clone() for k in self.counter_keys},
             metrics=metrics,
         )
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device`` (None: full precision)."""
+    if precision == "32":
+        return None
+    if precision == "bf16-mixed":
+        return torch.bfloat16
+    if precision == "16-mixed":
+        if device.type != "cuda":
+            raise ConfigError(
+                "precision",
+                "16-mixed needs CUDA (float16 autocast with a gradient scaler); on the CPU "
+                "use bf16-mixed or 32",
+            )
+        return torch.float16
+    raise ConfigError("precision", f"must be 32, bf16-mixed or 16-mixed, got {precision!r}")
 
 
 def _as_vector(values: Sequence[int | torch.Tensor], device: torch.device) -> torch.Tensor:

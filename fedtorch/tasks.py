@@ -42,6 +42,10 @@ class Classification:
         """Mean loss of the batch and the number of samples it averages over."""
         return F.cross_entropy(logits, y), len(y)
 
+    def loss_count(self, y: torch.Tensor) -> int:
+        """The number of terms the batch's mean loss averages (its samples)."""
+        return len(y)
+
     def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Correct predictions in the batch and the number of predictions."""
         return (logits.argmax(dim=-1) == y).sum(), len(y)
@@ -84,6 +88,9 @@ class LanguageModel:
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=self.pad)
         return loss, (y != self.pad).sum()
+
+    def loss_count(self, y: torch.Tensor) -> torch.Tensor:
+        return (y != self.pad).sum()
 
     def hits(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         real = y != self.pad

@@ -117,6 +117,12 @@ class VectorizedEngine:
         check_vectorizable(trainer.model)
         if getattr(trainer, "per_sample_clipping", False):
             raise ConfigError("engine", "client=dpsgd needs engine=sequential")
+        if trainer.precision != "32" or trainer.grad_accum_steps != 1:
+            raise ConfigError(
+                "engine",
+                "engine=vectorized trains in full precision without micro-batches; use "
+                "engine=sequential for precision=bf16-mixed/16-mixed or client.grad_accum_steps",
+            )
         if trainer.local_keys:
             raise ConfigError(
                 "engine",

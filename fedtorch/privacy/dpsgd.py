@@ -72,6 +72,12 @@ class DPSGDTrainer(ClientTrainer):
                 "client=dpsgd supports classification datasets only (Opacus's mean reduction "
                 f"is per sample, not per token); this dataset is a {self.task.name} task",
             )
+        if self.grad_accum_steps != 1 or self.precision != "32":
+            raise ConfigError(
+                "client",
+                "client=dpsgd clips whole-batch per-sample gradients in full precision: set "
+                "client.grad_accum_steps=1 and precision=32",
+            )
         for key, value in (
             ("max_grad_norm", max_grad_norm),
             ("noise_multiplier", noise_multiplier),
