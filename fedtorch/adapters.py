@@ -167,6 +167,8 @@ class LoRA:
         inner = getattr(model, "hf_model", None)
         if inner is None:
             return peft.get_peft_model(model, self._config(peft, self.targets(model)))
+        if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
+            inner = peft.prepare_model_for_kbit_training(inner)
         try:
             model.hf_model = peft.get_peft_model(inner, self._config(peft, self.target_modules))
         except ValueError as exc:

@@ -167,6 +167,11 @@ def test_hugging_face_model_from_a_config_trains_with_lora(tmp_path, plays):
             "model.name_or_path: cannot load 'no-such/model'",
         ),
         (["model=hf", "adapter.target_modules=[nope]"], "adapter.target_modules: Target modules"),
+        pytest.param(
+            ["model=hf", "model.quantization=4bit", "device=cpu"],
+            "model.quantization: 4bit needs CUDA",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists"),
+        ),
     ],
 )
 def test_bad_hugging_face_settings_fail_before_training(

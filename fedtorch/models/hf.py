@@ -42,6 +42,8 @@ class HuggingFaceModel(nn.Module):
         vocab_size: filled in from the dataset; sets the config's vocabulary (from_config).
         num_classes: labels of ``sequence_classification`` (filled in from the dataset).
         gradient_checkpointing: recompute activations in backward (less memory, more time).
+        quantization: ``4bit`` or ``8bit``: load the weights quantized by bitsandbytes
+            (QLoRA's frozen base, with ``adapter=lora``); CUDA and ``name_or_path`` only.
     """
 
     def __init__(
@@ -52,9 +54,11 @@ class HuggingFaceModel(nn.Module):
         vocab_size: int | None = None,
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
         transformers = import_transformers()
+        extra_load = _quantization(transformers, quantization, name_or_path)
         if head not in HEADS:
             raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
         if (name_or_path is None) == (config is None):
@@ -69,7 +73,7 @@ class HuggingFaceModel(nn.Module):
         extra = {"num_labels": num_classes} if head == "sequence_classification" else {}
         if name_or_path is not None:
             try:
-                self.hf_model = auto.from_pretrained(str(name_or_path), **extra)
+                self.hf_model = auto.from_pretrained(str(name_or_path), **extra, **extra_load)
             except (OSError, ValueError) as exc:
                 reason = str(exc).strip().splitlines()[0][:200]
                 raise ConfigError(
@@ -94,3 +98,32 @@ class HuggingFaceModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.hf_model(input_ids=tokens).logits
+
+
+def _quantization(transformers: Any, kind: str | None, name_or_path: str | None) -> dict:
+    """``from_pretrained`` arguments that load the weights quantized (QLoRA), or {}."""
+    if kind is None:
+        return {}
+    if kind not in ("4bit", "8bit"):
+        raise ConfigError("model.quantization", f"must be null, 4bit or 8bit, got {kind!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.quantization",
+            f"{kind} needs CUDA (bitsandbytes' quantized layers); this machine has no CUDA "
+            "device: set model.quantization=null",
+        )
+    if name_or_path is None:
+        raise ConfigError("model.quantization", "quantizes weights: give model.name_or_path")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            "model.quantization", f"{kind} needs bitsandbytes: pip install bitsandbytes"
+        ) from exc
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=kind == "4bit",
+        load_in_8bit=kind == "8bit",
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
