@@ -79,3 +79,14 @@ def replace_block(readme: Path, name: str, text: str) -> None:
     if start in content and end in content:
         before, rest = content.split(start, 1)
         readme.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def stop_time(hh_mm: str) -> float:
+    """The next time.time() at local HH:MM (today, or tomorrow if that has passed)."""
+    try:
+        hour, minute = (int(x) for x in hh_mm.split(":"))
+        now = time.localtime()
+        target = time.mktime((*now[:3], hour, minute, 0, 0, 0, -1))
+    except (ValueError, OverflowError):
+        raise SystemExit(f"error: --stop-at: {hh_mm!r} is not a time HH:MM") from None
+    return target if target > time.time() else target + 86400

@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from fedtorch.errors import ConfigError
+from fedtorch.extras import require
 
 # Layer types LoRA can wrap (peft's LoRA layers).
 _LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
@@ -30,13 +31,7 @@ _OUTPUT_NAMES = ("lm_head", "head", "classifier", "output")
 
 def import_peft() -> Any:
     """``peft``, or a one-line ConfigError naming the extra that installs it."""
-    try:
-        import peft
-    except ImportError as exc:
-        raise ConfigError(
-            "adapter", f'adapter=lora needs peft: pip install "fedtorch[llm]" ({exc})'
-        ) from exc
-    return peft
+    return require("peft", "adapter", "adapter=lora")
 
 
 class NoAdapter:

@@ -120,3 +120,32 @@ def write_plays(folder: Path) -> Path:
     (folder / "testing_gut_f.txt").write_text(PLAY)
     (folder / "sonnets_gut.txt").write_text("SONNETS\n\nACT I.\n\nPOET.\nA line.\nAnother.\n")
     return folder
+
+
+def fixture_run(
+    root: Path, defaults: dict[str, list[str]], extra=(), clients_per_round: int = 3
+) -> list[str]:
+    """Overrides of a small 2-round run on the fixture plays in ``root``.
+
+    ``defaults`` maps a group (``model``, ``adapter``) to the overrides used unless
+    ``extra`` picks an option of that group itself (``model=mlp``).
+    """
+    chosen: list[str] = []
+    for group, default in defaults.items():
+        chosen += [o for o in extra if o.startswith(group + "=")] or default
+    rest = [o for o in extra if not o.startswith(tuple(g + "=" for g in defaults))]
+    return [
+        "dataset=shakespeare",
+        f"data.root={root}",
+        "data.sequence_length=16",
+        "data.train_fraction=0.5",
+        *chosen,
+        "partition=natural",
+        "rounds=2",
+        f"clients_per_round={clients_per_round}",
+        "client.batch_size=2",
+        "client.optimizer.lr=0.5",
+        "device=cpu",
+        "logger=quiet",
+        *rest,
+    ]

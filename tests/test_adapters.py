@@ -11,7 +11,7 @@ from fedtorch.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.models import GPT
 from tests.conftest import compose_config
-from tests.shakespeare_fixture import write_plays
+from tests.shakespeare_fixture import fixture_run, write_plays
 
 peft = pytest.importorskip("peft", reason="adapter tests need the llm extra (peft)")
 
@@ -25,24 +25,8 @@ TINY_GPT = [
 
 
 def lora_run(root, extra=()) -> list[str]:
-    model = [o for o in extra if o.startswith("model=")] or TINY_GPT
-    adapter = [o for o in extra if o.startswith("adapter=")] or ["adapter=lora", "adapter.r=2"]
-    return [
-        "dataset=shakespeare",
-        f"data.root={root}",
-        "data.sequence_length=16",
-        "data.train_fraction=0.5",
-        *model,
-        *adapter,
-        "partition=natural",
-        "rounds=2",
-        "clients_per_round=4",
-        "client.batch_size=2",
-        "client.optimizer.lr=0.5",
-        "device=cpu",
-        "logger=quiet",
-        *(o for o in extra if not o.startswith(("model=", "adapter="))),
-    ]
+    defaults = {"model": TINY_GPT, "adapter": ["adapter=lora", "adapter.r=2"]}
+    return fixture_run(root, defaults, extra, clients_per_round=4)
 
 
 @pytest.fixture

@@ -29,28 +29,19 @@ from fedtorch.state import StateLayout
 from fedtorch.strategies import FedAvg
 from fedtorch.tasks import LanguageModel
 from tests.conftest import REPO, compose_config, run_cli
-from tests.shakespeare_fixture import COMPLETE_WORKS, PLAY, SECOND_PLAY, write_plays
+from tests.shakespeare_fixture import (
+    COMPLETE_WORKS,
+    PLAY,
+    SECOND_PLAY,
+    fixture_run,
+    write_plays,
+)
 
 SMALL_LSTM = ["model=char_lstm", "model.hidden_size=16", "model.num_layers=1"]
 
 
 def small_run(root, extra=()) -> list[str]:
-    model = [o for o in extra if o.startswith("model=")] or SMALL_LSTM
-    return [
-        "dataset=shakespeare",
-        f"data.root={root}",
-        "data.sequence_length=16",
-        "data.train_fraction=0.5",
-        *model,
-        "partition=natural",
-        "rounds=2",
-        "clients_per_round=3",
-        "client.batch_size=2",
-        "client.optimizer.lr=0.5",
-        "device=cpu",
-        "logger=quiet",
-        *(o for o in extra if not o.startswith("model=")),
-    ]
+    return fixture_run(root, {"model": SMALL_LSTM}, extra)
 
 
 # ---------------------------------------------------------------------------- parsing

@@ -49,7 +49,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from common import REPO, interruptible, replace_block, run_fedtorch  # noqa: E402
+from common import REPO, interruptible, replace_block, run_fedtorch, stop_time  # noqa: E402
 
 RUNS = HERE / "results" / "runs"
 
@@ -365,17 +365,6 @@ def main() -> None:
         interruptible()
         run_grid(todo, args.jobs, args.threads, args.overrides, deadline)
     write_table()
-
-
-def stop_time(hh_mm: str) -> float:
-    """The next time.time() at local HH:MM (today, or tomorrow if that has passed)."""
-    try:
-        hour, minute = (int(x) for x in hh_mm.split(":"))
-        now = time.localtime()
-        target = time.mktime((*now[:3], hour, minute, 0, 0, 0, -1))
-    except (ValueError, OverflowError):
-        raise SystemExit(f"error: --stop-at: {hh_mm!r} is not a time HH:MM") from None
-    return target if target > time.time() else target + 86400
 
 
 def run_grid(

@@ -17,19 +17,14 @@ import torch
 from torch import nn
 
 from fedtorch.errors import ConfigError
+from fedtorch.extras import require
 
 HEADS = ("causal_lm", "sequence_classification")
 
 
 def import_transformers() -> Any:
     """``transformers``, or a one-line ConfigError naming the extra that installs it."""
-    try:
-        import transformers
-    except ImportError as exc:
-        raise ConfigError(
-            "model", f'model=hf needs transformers: pip install "fedtorch[llm]" ({exc})'
-        ) from exc
-    return transformers
+    return require("transformers", "model", "model=hf")
 
 
 class HuggingFaceModel(nn.Module):
