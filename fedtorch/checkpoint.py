@@ -148,6 +148,7 @@ ADDED_KEYS: dict[str, Any] = {
     "init_from": None,
     "precision": 32,
     "client.grad_accum_steps": 1,
+    "data.plays": None,
 }
 
 

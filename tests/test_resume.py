@@ -186,3 +186,13 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, refer
     done = run_cli(args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_same(run_dir, reference)
+
+
+def test_checkpoints_from_before_added_keys_resume_while_the_keys_keep_neutral_values():
+    from fedtorch.checkpoint import config_differences
+
+    old = {"rounds": 5, "seed": 0}
+    assert config_differences(old, {**old, "precision": 32, "data.plays": None}) == []
+    assert config_differences(old, {**old, "precision": "bf16-mixed"}) == [
+        "precision (32 -> 'bf16-mixed')"
+    ]

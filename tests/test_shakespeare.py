@@ -237,6 +237,14 @@ def test_both_engines_train_a_language_model_alike(tmp_path):
     assert torch.allclose(vectors["sequential"], vectors["vectorized"], atol=1e-5)
 
 
+def test_plays_selects_a_subset_and_names_the_unknown(tmp_path):
+    write_plays(tmp_path)
+    data = shakespeare(root=str(tmp_path), sequence_length=16, plays=["short"])
+    assert data.client_names == ["short/LORD"]
+    with pytest.raises(ConfigError, match="data.plays: unknown play\\(s\\) 'hamlet'; the"):
+        shakespeare(root=str(tmp_path), plays=["hamlet"])
+
+
 def test_other_partitioners_split_the_pooled_sequences(tmp_path):
     write_plays(tmp_path)
     cfg = compose_config([*small_run(tmp_path, ["partition=iid", "num_clients=3"])])

@@ -214,6 +214,7 @@ def shakespeare(
     train_fraction: float = 0.8,
     min_lines: int = 3,
     weight_by: str = "tokens",
+    plays: Sequence[str] | None = None,
 ):
     """Shakespeare next-character prediction, one client per (play, role).
 
@@ -225,6 +226,9 @@ def shakespeare(
         min_lines: roles with fewer lines are dropped (LEAF keeps roles with 3 or more).
         weight_by: a client's weight in FedAvg-style averages: ``tokens`` (its non-pad
             target characters, as Reddi et al. 2021) or ``sequences``.
+        plays: keep only these plays (file names without ``_gut.txt``, e.g. ``hamlet``);
+            null keeps all. Lets one part of the plays pretrain a model centrally and the
+            rest be the federated clients.
 
     Returns:
         A language-model :class:`~fedtorch.data.datasets.DataBundle`: inputs and targets
@@ -242,6 +246,17 @@ def shakespeare(
     if weight_by not in ("tokens", "sequences"):
         raise ConfigError("data.weight_by", f"must be tokens or sequences, got {weight_by!r}")
     paths = find_texts(root, search_paths)
+    if plays is not None:
+        available = {p.name[: -len("_gut.txt")]: p for p in paths if p.name.endswith("_gut.txt")}
+        unknown = [p for p in plays if p not in available]
+        if unknown or not plays:
+            shown = ", ".join(sorted(available)[:5]) + (", ..." if len(available) > 5 else "")
+            raise ConfigError(
+                "data.plays",
+                f"unknown play(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"the per-play files give {shown}",
+            )
+        paths = [available[p] for p in sorted(set(plays))]
     roles = read_roles(paths, min_lines)
 
     plays = sorted({r.play for r in roles})
