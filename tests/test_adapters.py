@@ -147,8 +147,8 @@ def test_hugging_face_model_from_a_config_trains_with_lora(tmp_path, plays):
     "overrides, message",
     [
         (
-            ["model=hf", "model.name_or_path=no-such/model", "model.config=null"],
-            "model.name_or_path: cannot load 'no-such/model'",
+            ["model=hf", "model.name_or_path=/no/such/model", "model.config=null"],
+            "model.name_or_path: /no/such/model is not a folder",
         ),
         (["model=hf", "adapter.target_modules=[nope]"], "adapter.target_modules: Target modules"),
         pytest.param(

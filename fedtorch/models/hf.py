@@ -11,6 +11,7 @@ download. The wrapper returns plain logits, which is what fedtorch's tasks read.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -67,6 +68,13 @@ class HuggingFaceModel(nn.Module):
         )
         extra = {"num_labels": num_classes} if head == "sequence_classification" else {}
         if name_or_path is not None:
+            where = Path(str(name_or_path)).expanduser()
+            if str(name_or_path).startswith(("/", ".", "~")) and not where.is_dir():
+                raise ConfigError(
+                    "model.name_or_path",
+                    f"{where} is not a folder (give one holding config.json and the weights, "
+                    "or a hub id)",
+                )
             try:
                 self.hf_model = auto.from_pretrained(str(name_or_path), **extra, **extra_load)
             except (OSError, ValueError) as exc:
