@@ -266,6 +266,23 @@ def _load_initial_weights(model: nn.Module, path: Path) -> None:
     model.load_state_dict(state)
 
 
+def _check_eval_local(cfg: DictConfig, data: DataBundle, trainer: ClientTrainer) -> None:
+    """``eval_local`` needs each client's own test rows and keys that stay on the client."""
+    natural = "clients" in _accepted(cfg.partition._target_, ("clients",), "partition")
+    if data.test_client_indices is None or not natural:
+        raise ConfigError(
+            "eval_local",
+            "needs each client's own test data: a dataset with natural clients "
+            "(dataset=shakespeare) and partition=natural",
+        )
+    if not trainer.local_keys:
+        raise ConfigError(
+            "eval_local",
+            "evaluates each client's local keys, but no key is local; add key_rules with "
+            "rule: local (e.g. [{pattern: '.*', rule: local}] for local-only training)",
+        )
+
+
 def _averages_plainly(strategy: Any) -> bool:
     """A FedAvg-family strategy that needs nothing but the average delta."""
     from fedtorch.strategies import FedAvg, FedDyn, Scaffold
@@ -376,6 +393,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         precision=cfg.precision,
     )
     _set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
+    if cfg.eval_local:
+        _check_eval_local(cfg, data, trainer)
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)
@@ -409,6 +428,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         seed=cfg.seed,
         eval_every=cfg.eval_every,
         eval_clients=cfg.eval_clients,
+        eval_local=cfg.eval_local,
         eval_batch_size=cfg.eval_batch_size,
         target_accuracy=cfg.target_accuracy,
         on_client_failure=cfg.on_client_failure,

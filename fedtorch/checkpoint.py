@@ -79,6 +79,7 @@ RESUME_IGNORED = (
     "eval_every",
     "eval_batch_size",
     "eval_clients",
+    "eval_local",
     "torch_threads",
     "memory_format",
     "aggregation.memory_budget_mb",

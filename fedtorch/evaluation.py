@@ -20,14 +20,27 @@ def evaluate(
 
     Means are over the task's units: samples, or a language model's non-pad tokens.
     """
+    loss, count, correct, predicted = evaluation_totals(model, x, y, batch_size, task).tolist()
+    return loss / max(count, 1.0), correct / max(predicted, 1.0)
+
+
+@torch.inference_mode()
+def evaluation_totals(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 2048,
+    task: Task | None = None,
+) -> torch.Tensor:
+    """Summed loss, loss count, hits and predictions of ``model`` on ``(x, y)`` (float64
+    [4]), so that evaluations of several models on several parts can be pooled."""
     task = task or Classification()
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=x.device)
     for start in range(0, len(x), batch_size):
         stats = task.per_sample(model(x[start : start + batch_size]), y[start : start + batch_size])
         totals += torch.stack([s.sum(dtype=torch.float64) for s in stats])
-    loss, count, correct, predicted = totals.tolist()
-    return loss / max(count, 1.0), correct / max(predicted, 1.0)
+    return totals
 
 
 @torch.inference_mode()

@@ -23,6 +23,8 @@ BASE_COLUMNS = (
     "test_loss",
     "test_accuracy",
     "test_perplexity",
+    "local_test_loss",
+    "local_test_accuracy",
     "client_accuracy_mean",
     "client_accuracy_worst10",
     "epsilon",

@@ -19,7 +19,12 @@ from fedtorch.checkpoint import CheckpointSettings, Interrupted, deferred_interr
 from fedtorch.client import ClientTrainer
 from fedtorch.data.datasets import DataBundle
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.evaluation import evaluate, per_client_accuracy, worst_fraction_mean
+from fedtorch.evaluation import (
+    evaluate,
+    evaluation_totals,
+    per_client_accuracy,
+    worst_fraction_mean,
+)
 from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.metrics import MetricsLogger
 from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite, check_finite
@@ -59,6 +64,7 @@ class RunSettings:
     seed: int
     eval_every: int = 1
     eval_clients: bool = False
+    eval_local: bool = False
     eval_batch_size: int = 2048
     target_accuracy: float | None = None
     on_client_failure: str = "drop"
@@ -471,6 +477,26 @@ class Orchestrator:
                 aggregate_max([c.counters for c in pipeline.clients], counter_keys)
             )
 
+    def _evaluate_local(self) -> dict[str, float]:
+        """Every client's own model (the global one with its ``local`` keys) on its own test
+        rows, pooled over all clients' test data (``eval_local``). A client that never
+        trained uses the global model."""
+        s, data = self.settings, self.data
+        totals = torch.zeros(4, dtype=torch.float64, device=data.test_x.device)
+        for client, rows in enumerate(data.test_client_indices or []):
+            if len(rows) == 0:
+                continue
+            self.model.load_state_dict(self.global_state)
+            own = self.trainer.local_state.get(client)
+            if own is not None:
+                self.model.load_state_dict(own, strict=False)
+            rows = rows.to(data.test_x.device)
+            totals += evaluation_totals(
+                self.model, data.test_x[rows], data.test_y[rows], s.eval_batch_size, data.task
+            )
+        self.model.load_state_dict(self.global_state)
+        return _pooled(totals, "local_test")
+
     def _owner_map(self) -> torch.Tensor:
         """owner[i] = client holding training sample i, -1 if none (for per-client eval)."""
         y = self.data.train_y
@@ -488,6 +514,8 @@ class Orchestrator:
             self.model, self.data.test_x, self.data.test_y, s.eval_batch_size, task
         )
         out = {"test_loss": loss, "test_accuracy": acc, **task.extra_metrics(loss)}
+        if s.eval_local:
+            out.update(self._evaluate_local())
         if s.eval_clients:
             accs = per_client_accuracy(
                 self.model,
@@ -501,6 +529,14 @@ class Orchestrator:
             out["client_accuracy_mean"] = float(accs.mean())
             out["client_accuracy_worst10"] = worst_fraction_mean(accs, 0.1)
         return out
+
+
+def _pooled(totals: torch.Tensor, prefix: str) -> dict[str, float]:
+    loss, count, correct, predicted = totals.tolist()
+    return {
+        f"{prefix}_loss": loss / max(count, 1.0),
+        f"{prefix}_accuracy": correct / max(predicted, 1.0),
+    }
 
 
 def _weighted_train_metrics(clients: list[ClientResult]) -> dict[str, float]:

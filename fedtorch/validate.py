@@ -82,6 +82,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"got {cfg.get('memory_format')!r}",
         )
     _bool(cfg, "eval_clients")
+    _bool(cfg, "eval_local")
     _bool(cfg, "verbose")
     _int(cfg, "min_clients", 0)
     _int(cfg.checkpoint, "every", 0, key="checkpoint.every")

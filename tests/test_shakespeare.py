@@ -245,6 +245,53 @@ def test_plays_selects_a_subset_and_names_the_unknown(tmp_path):
         shakespeare(root=str(tmp_path), plays=["hamlet"])
 
 
+def test_local_only_training_is_evaluated_on_each_clients_own_test_data(tmp_path):
+    """key_rules make every key local (no federation); eval_local evaluates each client's
+    own model on its own test rows, pooled: checked against a hand evaluation."""
+    write_plays(tmp_path / "data")
+    local = ["key_rules=[{pattern: '.*', rule: local}]", "eval_local=true", "clients_per_round=4"]
+    orch = build(compose_config(small_run(tmp_path / "data", local)), tmp_path / "run")
+    initial = {k: v.clone() for k, v in orch.global_state.items()}
+    orch.run()
+    row = orch.logger.history[-1]
+    assert all(torch.equal(orch.global_state[k], v) for k, v in initial.items())
+    data, model = orch.data, orch.model
+    loss_sum = count = hits = 0.0
+    for client, rows in enumerate(data.test_client_indices):
+        if len(rows) == 0:
+            continue
+        model.load_state_dict(initial)
+        model.load_state_dict(orch.trainer.local_state[client], strict=False)
+        model.eval()
+        with torch.no_grad():
+            logits = model(data.test_x[rows])
+        y = data.test_y[rows]
+        real = y != text.PAD
+        loss_sum += float(F.cross_entropy(logits[real], y[real], reduction="sum"))
+        hits += float((logits.argmax(-1)[real] == y[real]).sum())
+        count += float(real.sum())
+    assert row["local_test_loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+    assert row["local_test_accuracy"] == pytest.approx(hits / count)
+    assert row["local_test_loss"] < row["test_loss"]  # each client learnt its own text
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["eval_local=true"], "eval_local: evaluates each client's local keys, but no key"),
+        (
+            ["eval_local=true", "partition=iid", "num_clients=3"],
+            "eval_local: needs each client's own test data",
+        ),
+    ],
+)
+def test_eval_local_needs_local_keys_and_natural_clients(tmp_path, overrides, message):
+    write_plays(tmp_path / "data")
+    with pytest.raises(ConfigError) as err:
+        build(compose_config(small_run(tmp_path / "data", overrides)), tmp_path / "run")
+    assert str(err.value).startswith(message), str(err.value)
+
+
 def test_other_partitioners_split_the_pooled_sequences(tmp_path):
     write_plays(tmp_path)
     cfg = compose_config([*small_run(tmp_path, ["partition=iid", "num_clients=3"])])

@@ -42,6 +42,7 @@ class DataBundle:
         client_indices: the dataset's own clients (``partition=natural``): one tensor of
             training-row indices per client, or None.
         client_names: a name per natural client (for logs and ``dataset.json``).
+        test_client_indices: each natural client's own test rows (``eval_local``), or None.
         partition_labels: a class per training row for the label-based partitioners when
             ``train_y`` is not one (a language model's play, say); None: ``train_y``.
         stats: statistics of the dataset, written to the run folder as ``dataset.json``.
@@ -56,6 +57,7 @@ class DataBundle:
     task: Task = field(default_factory=Classification)
     client_indices: list[torch.Tensor] | None = None
     client_names: list[str] | None = None
+    test_client_indices: list[torch.Tensor] | None = None
     partition_labels: torch.Tensor | None = None
     stats: dict[str, Any] | None = None
 

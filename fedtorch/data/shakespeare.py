@@ -260,8 +260,8 @@ def shakespeare(
     roles = read_roles(paths, min_lines)
 
     plays = sorted({r.play for r in roles})
-    train_rows, test_rows, clients, labels, kept = [], [], [], [], []
-    chars_train, chars_test, offset = [], [], 0
+    train_rows, test_rows, clients, test_clients, labels, kept = [], [], [], [], [], []
+    chars_train, chars_test, offset, test_offset = [], [], 0, 0
     for role in roles:
         train_text, test_text = role.split(train_fraction)
         rows = snippet_rows(train_text, sequence_length)
@@ -270,6 +270,8 @@ def shakespeare(
         train_rows.append(rows)
         test_rows.append(snippet_rows(test_text, sequence_length))
         clients.append(torch.arange(offset, offset + len(rows)))
+        test_clients.append(torch.arange(test_offset, test_offset + len(test_rows[-1])))
+        test_offset += len(test_rows[-1])
         labels.append(torch.full((len(rows),), plays.index(role.play)))
         offset += len(rows)
         kept.append(role)
@@ -307,6 +309,7 @@ def shakespeare(
         task=task,
         client_indices=clients,
         client_names=[f"{r.play}/{r.name}" for r in kept],
+        test_client_indices=test_clients,
         partition_labels=torch.cat(labels),
         stats=stats,
     )
