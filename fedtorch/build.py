@@ -368,7 +368,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     shards = _setup_partition(cfg, data)
     num_clients = len(shards)
     clients_per_round = cohort_size(num_clients, cfg.clients_per_round, cfg.fraction)
-    stats = partition_lib.statistics(shards, data.labels_for_partition)
+    classes = data.num_classes if data.partition_labels is None else None
+    stats = partition_lib.statistics(shards, data.labels_for_partition, classes)
     checkpoint.write_json(run_dir / "partition.json", stats)
 
     adapter = _instantiate(cfg.adapter, "adapter")
