@@ -4,9 +4,11 @@
 ``W`` becomes ``W + (alpha / r) B A`` with trainable ``A`` [r, in] and ``B`` [out, r] (B
 starts at zero, so training starts from the base model) and ``W`` frozen. Frozen
 parameters get the ``keep`` aggregation rule: the server sends them to a client once and
-never receives them back; only ``A`` and ``B`` travel each round and are averaged
-(FedAvg of A and B separately, as FedIT, OpenFedLLM and FlowerTune do), so every
-mean-based strategy works unchanged.
+never receives them back; only ``A`` and ``B`` travel each round. By default they are
+averaged separately (``aggregation=separate``, as FedIT, OpenFedLLM and FlowerTune do), so
+every mean-based strategy works unchanged; ``aggregation=exact`` also folds the difference
+between the mean of the products B A and the product of the means into the base weights
+(FedEx-LoRA, :mod:`fedtorch.lora_exact`).
 
 ``peft`` is an optional dependency: ``pip install "fedtorch[llm]"``.
 """
@@ -38,6 +40,7 @@ class NoAdapter:
     """Train and exchange the whole model (``adapter=none``)."""
 
     enabled = False
+    aggregation = "separate"
 
     def apply(self, model: nn.Module) -> nn.Module:
         return model
@@ -76,6 +79,9 @@ class LoRA:
         target_modules: ``all-linear`` (every linear layer but the output layer) or a list
             of module names or regexes, matched against the end of each module's name as
             peft does (``["qkv", "proj"]``).
+        aggregation: ``separate`` (average A and B) or ``exact`` (FedEx-LoRA: the global
+            model is the exact weighted mean of the client models; see
+            :mod:`fedtorch.lora_exact`).
     """
 
     enabled = True
@@ -86,6 +92,7 @@ class LoRA:
         alpha: float = 16.0,
         dropout: float = 0.0,
         target_modules: str | Sequence[str] = "all-linear",
+        aggregation: str = "separate",
     ) -> None:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ConfigError("adapter.r", f"must be an integer >= 1, got {r!r}")
@@ -104,6 +111,11 @@ class LoRA:
                 "adapter.target_modules",
                 f"must be all-linear or a list of module names, got {target_modules!r}",
             )
+        if aggregation not in ("separate", "exact"):
+            raise ConfigError(
+                "adapter.aggregation", f"must be separate or exact, got {aggregation!r}"
+            )
+        self.aggregation = aggregation
         self.r, self.alpha, self.dropout = r, float(alpha), float(dropout)
         self.target_modules = (
             target_modules if isinstance(target_modules, str) else list(target_modules)
@@ -182,6 +194,14 @@ class LoRA:
             copied.hf_model = copied.hf_model.merge_and_unload()
             return copied
         return copied.merge_and_unload()
+
+    def unloaded(self, model: nn.Module) -> nn.Module:
+        """A copy of the base model without the adapters (nothing merged in)."""
+        copied = copy.deepcopy(model)
+        if hasattr(copied, "hf_model"):
+            copied.hf_model = copied.hf_model.unload()
+            return copied
+        return copied.unload()
 
     def save(self, model: nn.Module, folder: Path) -> None:
         """The adapter in peft's ``save_pretrained`` format (``PeftModel.from_pretrained``)."""

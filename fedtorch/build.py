@@ -25,6 +25,7 @@ from fedtorch.client import ClientTrainer
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize
 from fedtorch.errors import ConfigError, DataError, FedtorchError
+from fedtorch.lora_exact import check_exact_strategy, lora_pairs
 from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
 from fedtorch.state import StateLayout, expand_key_rules
@@ -415,6 +416,10 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
             "release only the average update; use fedavg, fedprox, fedavgm, fedadagrad, "
             "fedadam or fedyogi",
         )
+    exact_lora = None
+    if adapter.aggregation == "exact":
+        check_exact_strategy(strategy, privacy.enabled, secure_agg.enabled)
+        exact_lora = lora_pairs(model, layout)
     system = _instantiate(cfg.system, "system", seed=cfg.seed)
     attack = _instantiate(cfg.attack, "attack", num_clients=num_clients, seed=cfg.seed)
     if attack.kind == "label_flip" and data.task.name != "classification":
@@ -453,5 +458,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         privacy=privacy,
         secure_agg=secure_agg,
         adapter=adapter,
+        exact_lora=exact_lora,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

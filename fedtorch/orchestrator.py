@@ -26,6 +26,7 @@ from fedtorch.evaluation import (
     worst_fraction_mean,
 )
 from fedtorch.heterogeneity import SystemHeterogeneity
+from fedtorch.lora_exact import ExactLoRARound, LoraPair
 from fedtorch.metrics import MetricsLogger
 from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite, check_finite
 from fedtorch.pipeline.rows import RowStore
@@ -120,6 +121,7 @@ class Orchestrator:
         privacy: DifferentialPrivacy | NoPrivacy | None = None,
         secure_agg: SecureAggregation | None = None,
         adapter: Any = None,
+        exact_lora: list[LoraPair] | None = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -137,6 +139,9 @@ class Orchestrator:
         self.privacy = privacy or NoPrivacy()
         self.secure_agg = secure_agg or SecureAggregation()
         self.adapter = adapter or NoAdapter()
+        self.exact_lora = exact_lora or []
+        # Base weights the exact LoRA aggregation changes every round (sent every round).
+        self.folded_keys = {p.base for p in self.exact_lora}
         self._round_metrics: dict[str, Any] = {}
         self.attack = attack or Attack(num_clients=len(self.shards), seed=settings.seed)
         self.shard_sizes = [len(s) for s in self.shards]
@@ -151,11 +156,17 @@ class Orchestrator:
         self.global_vector = layout.flatten(self.global_state)
         vector_bytes = layout.size * 4
         extra_down, extra_up = strategy.extra_vectors
+        folded_bytes = sum(
+            self.global_state[k].numel() * self.global_state[k].element_size()
+            for k in self.folded_keys
+        )
         self.bytes_down_per_client = (
-            layout.bytes_of(self.global_state, ("mean", "max")) + extra_down * vector_bytes
+            layout.bytes_of(self.global_state, ("mean", "max"))
+            + extra_down * vector_bytes
+            + folded_bytes
         )
         # Frozen (keep) weights never change, so each client downloads them once.
-        self.bytes_down_once = layout.bytes_of(self.global_state, ("keep",))
+        self.bytes_down_once = layout.bytes_of(self.global_state, ("keep",)) - folded_bytes
         self.bytes_up_per_client = (
             layout.bytes_of(self.global_state, ("mean", "max")) + extra_up * vector_bytes
         )
@@ -307,6 +318,15 @@ class Orchestrator:
                 self.global_vector.dtype,
             )
             aggregator = self.strategy.start_round(self.global_vector, round_idx, rows)
+            if self.exact_lora:
+                aggregator = ExactLoRARound(
+                    aggregator,
+                    self.exact_lora,
+                    self.layout,
+                    self.global_vector,
+                    self.global_state,
+                    self.strategy.client_weight,
+                )
         return UpdatePipeline(steps, aggregator)
 
     def _attack(self, client: ClientResult, delta: torch.Tensor, round_idx: int) -> torch.Tensor:
@@ -369,12 +389,16 @@ class Orchestrator:
 
     def _save_model(self) -> None:
         """``model.pt``: the final global ``state_dict`` (with an adapter, the base model
-        with the adapter merged in), and the adapter in peft's format under ``adapter/``."""
+        with the adapter merged in), and the adapter in peft's format under ``adapter/``
+        (with ``aggregation=exact``, also the folded base it applies to, ``base_model.pt``)."""
         if not self.adapter.enabled:
             checkpoint.save_state(self.global_state, self.run_dir / "model.pt")
             return
         self.model.load_state_dict(self.global_state)
         self.adapter.save(self.model, self.run_dir / "adapter")
+        if self.folded_keys:  # the adapter applies to the folded base, not the initial one
+            base = self.adapter.unloaded(self.model).state_dict()
+            checkpoint.save_state(base, self.run_dir / "adapter" / "base_model.pt")
         merged = self.adapter.merged(self.model).state_dict()
         checkpoint.save_state(merged, self.run_dir / "model.pt")
 
@@ -388,11 +412,12 @@ class Orchestrator:
             "format": checkpoint.FORMAT,
             "round": progress.round,
             "config": self.checkpointing.config,
-            # Frozen (keep) weights never change and are rebuilt identically: left out.
+            # Frozen (keep) weights never change and are rebuilt identically: left out
+            # (but for the base weights the exact LoRA aggregation folds into).
             "global_state": {
                 k: v.detach().cpu()
                 for k, v in self.global_state.items()
-                if self.layout.rules[k] != "keep"
+                if self.layout.rules[k] != "keep" or k in self.folded_keys
             },
             "global_vector": self.global_vector.detach().cpu(),
             "strategy": self.strategy.state_dict(),
