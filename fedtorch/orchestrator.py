@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -238,6 +239,7 @@ class Orchestrator:
             "trainable_parameters": sum(
                 p.numel() for p in self.model.parameters() if p.requires_grad
             ),
+            **_peak_memory(self.global_vector.device),
             **self._privacy_summary(budget_stop),
             **self.extra_summary,
         }
@@ -554,6 +556,17 @@ class Orchestrator:
             out["client_accuracy_mean"] = float(accs.mean())
             out["client_accuracy_worst10"] = worst_fraction_mean(accs, 0.1)
         return out
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory (and peak CUDA memory allocated by PyTorch), MiB.
+
+    After a resume these are the peaks of the resumed process, not of the whole run.
+    """
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
 
 
 def _pooled(totals: torch.Tensor, prefix: str) -> dict[str, float]:
