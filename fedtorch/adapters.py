@@ -189,20 +189,23 @@ class LoRA:
 
     def merged(self, model: nn.Module) -> nn.Module:
         """A copy of the base model with ``(alpha / r) B A`` folded into its weights."""
-        copied = copy.deepcopy(model)
-        if hasattr(copied, "hf_model"):
-            copied.hf_model = copied.hf_model.merge_and_unload()
-            return copied
-        return copied.merge_and_unload()
+        return _without_peft(model, merge=True)
 
     def unloaded(self, model: nn.Module) -> nn.Module:
         """A copy of the base model without the adapters (nothing merged in)."""
-        copied = copy.deepcopy(model)
-        if hasattr(copied, "hf_model"):
-            copied.hf_model = copied.hf_model.unload()
-            return copied
-        return copied.unload()
+        return _without_peft(model, merge=False)
 
     def save(self, model: nn.Module, folder: Path) -> None:
         """The adapter in peft's ``save_pretrained`` format (``PeftModel.from_pretrained``)."""
         self._peft_model(model).save_pretrained(str(folder))
+
+
+def _without_peft(model: nn.Module, merge: bool) -> nn.Module:
+    """A copy of ``model`` with peft's wrapping removed, the adapters merged in or dropped."""
+    copied = copy.deepcopy(model)
+    peft_model = getattr(copied, "hf_model", copied)
+    base = peft_model.merge_and_unload() if merge else peft_model.unload()
+    if hasattr(copied, "hf_model"):
+        copied.hf_model = base
+        return copied
+    return base

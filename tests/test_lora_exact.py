@@ -12,13 +12,13 @@ from torch import nn
 from fedtorch.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.lora_exact import ExactLoRARound, lora_pairs
-from fedtorch.models import GPT
 from fedtorch.results import ClientResult
 from fedtorch.state import StateLayout
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.fedavg import MeanAggregator
 from tests.conftest import compose_config
 from tests.shakespeare_fixture import fixture_run, write_plays
+from tests.test_adapters import check_saved_model
 
 peft = pytest.importorskip("peft", reason="adapter tests need the llm extra (peft)")
 
@@ -121,21 +121,8 @@ def test_exact_run_sends_the_folded_base_every_round_and_saves_it(tmp_path, play
     assert all(not torch.equal(orch.global_state[k], before[k]) for k in folded)
     assert all(torch.equal(orch.global_state[k], before[k]) for k in other_base)
     # The adapter folder plus the folded base reproduce the global model with peft.
-    tokens = orch.data.test_x[:3]
-    orch.model.load_state_dict(orch.global_state)
-    orch.model.eval()
-    with torch.no_grad():
-        expected = orch.model(tokens)
-    base = GPT(vocab_size=90, n_layer=1, n_embd=16, n_head=2, block_size=16)
-    base.load_state_dict(
-        torch.load(tmp_path / "run" / "adapter" / "base_model.pt", weights_only=True)
-    )
-    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
-    merged = GPT(vocab_size=90, n_layer=1, n_embd=16, n_head=2, block_size=16).eval()
-    merged.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
-    with torch.no_grad():
-        assert torch.allclose(loaded(tokens), expected, atol=1e-5)
-        assert torch.allclose(merged(tokens), expected, atol=1e-5)
+    base_state = torch.load(tmp_path / "run" / "adapter" / "base_model.pt", weights_only=True)
+    check_saved_model(orch, tmp_path / "run", base_state)
 
 
 def test_exact_run_resumes_bit_identically(tmp_path, plays):

@@ -49,7 +49,7 @@ from common import REPO, interruptible, replace_block, run_fedtorch, stop_time  
 RESULTS = HERE / "results"
 RUNS = RESULTS / "runs"
 PRETRAINED = RESULTS / "pretrained"
-ROUNDS, EVAL_EVERY = 100, 25
+ROUNDS, EVAL_EVERY = 150, 25
 TUNE_ROUNDS, TUNE_TAIL = 15, 5
 CLIENT_LRS = {"full": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)}
 SERVER_LRS = (0.001, 0.003, 0.01)
