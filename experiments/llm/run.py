@@ -15,8 +15,9 @@ and local-only LoRA r = 16 (``key_rules`` keep each client's adapter local, neve
 averaged; evaluated per client on its own test rows, ``eval_local``).
 
 The client learning rate is tuned first, separately for the full model and for LoRA, on
-the mean training loss of rounds 11-15 of 15-round runs (no test data is used to choose);
-FedAdam's server learning rate likewise with the LoRA client rate. The table reports, at
+the test loss after 15 rounds (there is no separate validation split; the mean training
+loss of rounds 11-15 is recorded beside it in results/tuning.md); FedAdam's server
+learning rate likewise with the LoRA client rate. The table reports, at
 the last round: test perplexity and token accuracy of the global model (local-only: of
 each client's own model, pooled), bytes up and down per round (mean over the run; a LoRA
 client downloads the frozen base the first time it is sampled), the median seconds of a
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -108,15 +110,26 @@ def tail_loss(name: str) -> float | None:
     return statistics.fmean(r["train_loss"] for r in rows(name)[-TUNE_TAIL:])
 
 
+def tune_loss(name: str) -> float | None:
+    """Test loss at the last round of a finished tuning run (the selection criterion)."""
+    done = summary(name, TUNE_ROUNDS)
+    return None if done is None else done["final_loss"]
+
+
 def best_client_lr(group: str) -> float | None:
-    losses = {lr: tail_loss(f"tune_{group}_lr{lr}") for lr in CLIENT_LRS[group]}
+    losses = {lr: tune_loss(f"tune_{group}_lr{lr}") for lr in CLIENT_LRS[group]}
     if any(v is None for v in losses.values()):
         return None
     return min(losses, key=lambda lr: losses[lr])
 
 
+def fedadam_run(client_lr: float, server_lr: float) -> str:
+    return f"tune_fedadam_lr{client_lr}_slr{server_lr}"
+
+
 def best_server_lr() -> float | None:
-    losses = {lr: tail_loss(f"tune_fedadam_slr{lr}") for lr in SERVER_LRS}
+    client_lr = best_client_lr("lora")
+    losses = {lr: tune_loss(fedadam_run(client_lr, lr)) for lr in SERVER_LRS}
     if any(v is None for v in losses.values()):
         return None
     return min(losses, key=lambda lr: losses[lr])
@@ -130,7 +143,7 @@ def plan() -> list[tuple[str, list[str], int, int]]:
         for slr in SERVER_LRS:
             adam = ["strategy=fedadam", f"strategy.server_lr={slr}"]
             lr = f"client.optimizer.lr={lora_lr}"
-            out.append((f"tune_fedadam_slr{slr}", [lr, *adam], TUNE_ROUNDS, TUNE_ROUNDS))
+            out.append((fedadam_run(lora_lr, slr), [lr, *adam], TUNE_ROUNDS, TUNE_ROUNDS))
     server_lr = best_server_lr()
     for name, (_, group, overrides) in ARMS.items():
         lr = best_client_lr(group)
@@ -220,7 +233,27 @@ def measure_baseline() -> None:
     path.write_text(json.dumps({"test_loss": loss, "test_accuracy": acc}, indent=2) + "\n")
 
 
+def tuning_table() -> str:
+    lines = [
+        "| run | client lr | server lr | mean train loss, rounds 11-15 | test loss, round 15 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(p.name for p in RUNS.glob("tune_*")):
+        if summary(name, TUNE_ROUNDS) is None:
+            continue
+        config = (RUNS / name / "config.yaml").read_text()
+        client = re.search(r"^    lr: (\S+)", config, re.M)
+        server = re.search(r"^  server_lr: (\S+)", config, re.M)
+        lines.append(
+            f"| {name} | {client.group(1) if client else '?'} | "
+            f"{server.group(1) if server else '—'} | {tail_loss(name):.4f} | "
+            f"{tune_loss(name):.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def write_table() -> None:
+    (RESULTS / "tuning.md").write_text(tuning_table() + "\n")
     text = table()
     (RESULTS / "table.md").write_text(text + "\n")
     replace_block(HERE / "README.md", "table", text)
