@@ -4,6 +4,10 @@ saves and resumes."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from fedtorch.results import ClientResult
 from fedtorch.state import StateLayout
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.fedavg import MeanAggregator
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 from tests.shakespeare_fixture import fixture_run, write_plays
 from tests.test_adapters import check_saved_model
 
@@ -125,21 +129,30 @@ def test_exact_run_sends_the_folded_base_every_round_and_saves_it(tmp_path, play
     check_saved_model(orch, tmp_path / "run", base_state)
 
 
-def test_exact_run_resumes_bit_identically(tmp_path, plays):
-    straight = build(compose_config(exact_run(plays, ["rounds=4"])), tmp_path / "straight")
+def test_exact_run_killed_mid_round_resumes_bit_identically(tmp_path, plays):
+    settings = ["rounds=4", "checkpoint.every=1"]
+    straight = build(compose_config(exact_run(plays, settings)), tmp_path / "straight")
     straight.run()
-    first = compose_config(exact_run(plays, ["rounds=2", "checkpoint.every=1"]))
-    build(first, tmp_path / "s").run()
-    saved = torch.load(tmp_path / "s" / "checkpoints" / "round_000002.pt", weights_only=False)
+    killed = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kill_child", str(killed), "mid-round:3"]
+        + exact_run(plays, settings),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saved = torch.load(killed / "checkpoints" / "round_000002.pt", weights_only=False)
     assert straight.folded_keys <= set(saved["global_state"])
-    again = compose_config(exact_run(plays, ["rounds=4", "checkpoint.every=1", "resume=true"]))
-    resumed = build(again, tmp_path / "s")
+    resumed = build(compose_config(exact_run(plays, [*settings, "resume=true"])), killed)
     resumed.run()
     for k in straight.global_state:
         assert torch.equal(resumed.global_state[k], straight.global_state[k]), k
     rows = [
         [json.loads(x)["test_loss"] for x in (tmp_path / d / "metrics.jsonl").open()]
-        for d in ("straight", "s")
+        for d in ("straight", "killed")
     ]
     assert rows[0] == rows[1]
 
