@@ -197,7 +197,9 @@ def table() -> str:
     lines.append(
         f"At round {ROUNDS}, seed 0, 10 clients a round (583 clients in all). Before any "
         f"federated round the pretrained model scores {baseline_text()} on the same test "
-        "rows. s/round: one thread, two runs at a time on a 2-core CPU."
+        "rows. s/round: median of the rounds without evaluation, one thread, two runs at a "
+        "time on a 2-core CPU (the last arm alone for its last rounds). Peak RSS: the run "
+        "process's VmHWM (`peak_rss_mb` in summary.json)."
     )
     return "\n".join(lines)
 
@@ -252,8 +254,38 @@ def tuning_table() -> str:
     return "\n".join(lines)
 
 
+def plot() -> None:
+    """Test perplexity by round, every arm (local-only: each client's own model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (label, _, _) in ARMS.items():
+        prefix = "local_test" if name.endswith("_local") else "test"
+        points = [(0, baseline_loss())] if baseline_loss() is not None else []
+        points += [(r["round"], r[f"{prefix}_loss"]) for r in rows(name) if "test_loss" in r]
+        if len(points) > 1:
+            ax.plot(*zip(*[(x, math.exp(y)) for x, y in points]), marker=".", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Federated fine-tuning of the pretrained GPT on 18 plays")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def baseline_loss() -> float | None:
+    path = RESULTS / "baseline.json"
+    return json.loads(path.read_text())["test_loss"] if path.exists() else None
+
+
 def write_table() -> None:
     (RESULTS / "tuning.md").write_text(tuning_table() + "\n")
+    plot()
     text = table()
     (RESULTS / "table.md").write_text(text + "\n")
     replace_block(HERE / "README.md", "table", text)
