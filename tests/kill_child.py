@@ -1,6 +1,6 @@
 """Test helper: run training in this process and SIGKILL it at a chosen moment.
 
-    python -m tests.kill_child RUN_DIR WHEN OVERRIDE...
+    python -m tests.kill_child RUN_DIR WHEN OVERRIDE...     (or run_and_kill from a test)
 
 WHEN is one of
     after-checkpoint:R   right after round R's checkpoint is on disk (between rounds)
@@ -14,13 +14,14 @@ from __future__ import annotations
 import io
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from fedtorch import checkpoint
 from fedtorch.client import ClientTrainer
 from fedtorch.train import train
-from tests.conftest import compose_config
+from tests.conftest import REPO, compose_config
 
 
 def die() -> None:
@@ -68,6 +69,19 @@ def arm(when: str) -> None:
         checkpoint.atomic_write = write_half_then_die
     else:
         raise SystemExit(f"unknown WHEN {when!r}")
+
+
+def run_and_kill(run_dir: Path, when: str, overrides: list[str]) -> None:
+    """Run ``python -m tests.kill_child RUN_DIR WHEN OVERRIDES`` and check it was SIGKILLed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kill_child", str(run_dir), when, *overrides],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
 if __name__ == "__main__":

@@ -4,10 +4,6 @@ saves and resumes."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +16,8 @@ from fedtorch.results import ClientResult
 from fedtorch.state import StateLayout
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.fedavg import MeanAggregator
-from tests.conftest import REPO, compose_config
+from tests.conftest import compose_config
+from tests.kill_child import run_and_kill
 from tests.shakespeare_fixture import fixture_run, write_plays
 from tests.test_adapters import check_saved_model
 
@@ -134,16 +131,7 @@ def test_exact_run_killed_mid_round_resumes_bit_identically(tmp_path, plays):
     straight = build(compose_config(exact_run(plays, settings)), tmp_path / "straight")
     straight.run()
     killed = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kill_child", str(killed), "mid-round:3"]
-        + exact_run(plays, settings),
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_and_kill(killed, "mid-round:3", exact_run(plays, settings))
     saved = torch.load(killed / "checkpoints" / "round_000002.pt", weights_only=False)
     assert straight.folded_keys <= set(saved["global_state"])
     resumed = build(compose_config(exact_run(plays, [*settings, "resume=true"])), killed)

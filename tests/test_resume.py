@@ -19,6 +19,7 @@ from fedtorch import checkpoint
 from fedtorch.errors import ConfigError, DataError
 from fedtorch.train import train
 from tests.conftest import FAST, REPO, compose_config, run_cli
+from tests.kill_child import run_and_kill
 
 # Stateful on both sides: server momentum-free SCAFFOLD keeps c and every c_i; client
 # momentum; drop-outs and random local work exercise the seeded draws after a resume.
@@ -63,15 +64,7 @@ def reference(tmp_path_factory) -> Path:
 
 
 def killed_run(run_dir: Path, when: str, extra=()) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.kill_child", str(run_dir), when, *RUN, *extra],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_and_kill(run_dir, when, [*RUN, *extra])
 
 
 @pytest.mark.parametrize(
