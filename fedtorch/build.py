@@ -29,6 +29,7 @@ from fedtorch.lora_exact import check_exact_strategy, lora_pairs
 from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
 from fedtorch.state import StateLayout, expand_key_rules
+from fedtorch.strategies import averages_plainly
 from fedtorch.strategies.base import RunContext
 from fedtorch.validate import resolve_device, validate_config
 
@@ -284,13 +285,6 @@ def _check_eval_local(cfg: DictConfig, data: DataBundle, trainer: ClientTrainer)
         )
 
 
-def _averages_plainly(strategy: Any) -> bool:
-    """A FedAvg-family strategy that needs nothing but the average delta."""
-    from fedtorch.strategies import FedAvg, FedDyn, Scaffold
-
-    return isinstance(strategy, FedAvg) and not isinstance(strategy, (FedDyn, Scaffold))
-
-
 def _run_context(
     num_clients: int, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
 ) -> RunContext:
@@ -409,7 +403,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         privacy.clip_norm if privacy.enabled else None,
         privacy.enabled and privacy.mode == "local",
     )
-    if (privacy.enabled or secure_agg.enabled) and not _averages_plainly(strategy):
+    if (privacy.enabled or secure_agg.enabled) and not averages_plainly(strategy):
         raise ConfigError(
             "strategy",
             f"{type(strategy).__name__} cannot run with privacy or secure aggregation, which "

@@ -159,14 +159,10 @@ class ExactLoRARound:
 
 def check_exact_strategy(strategy: object, privacy_on: bool, secure_on: bool) -> None:
     """Refuse, in one line, what ``aggregation=exact`` cannot be exact with."""
-    from fedtorch.strategies import FedAvg, FedDyn, Scaffold
+    from fedtorch.strategies import FedAvg, averages_plainly
 
-    plain_mean = (
-        isinstance(strategy, FedAvg)
-        and not isinstance(strategy, (FedDyn, Scaffold))
-        and type(strategy).server_step is FedAvg.server_step
-    )
-    if not plain_mean:
+    # A server step of its own (FedAvgM, FedAdam, ...) moves away from the plain mean.
+    if not averages_plainly(strategy) or type(strategy).server_step is not FedAvg.server_step:
         raise ConfigError(
             "adapter.aggregation",
             f"exact needs a strategy whose new adapters are the clients' weighted mean "

@@ -204,11 +204,16 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def baseline_text() -> str:
+def baseline() -> dict | None:
+    """The pretrained model's test loss and accuracy (results/baseline.json), if measured."""
     path = RESULTS / "baseline.json"
-    if not path.exists():
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def baseline_text() -> str:
+    b = baseline()
+    if b is None:
         return "(not measured yet)"
-    b = json.loads(path.read_text())
     perplexity, accuracy = math.exp(b["test_loss"]), 100 * b["test_accuracy"]
     return f"perplexity {perplexity:.3f}, token accuracy {accuracy:.2f}%"
 
@@ -262,9 +267,10 @@ def plot() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    start = baseline()
     for name, (label, _, _) in ARMS.items():
         prefix = "local_test" if name.endswith("_local") else "test"
-        points = [(0, baseline_loss())] if baseline_loss() is not None else []
+        points = [(0, start["test_loss"])] if start is not None else []
         points += [(r["round"], r[f"{prefix}_loss"]) for r in rows(name) if "test_loss" in r]
         if len(points) > 1:
             ax.plot(*zip(*[(x, math.exp(y)) for x, y in points]), marker=".", label=label)
@@ -276,11 +282,6 @@ def plot() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "curves.png", dpi=120)
     plt.close(fig)
-
-
-def baseline_loss() -> float | None:
-    path = RESULTS / "baseline.json"
-    return json.loads(path.read_text())["test_loss"] if path.exists() else None
 
 
 def write_table() -> None:

@@ -26,3 +26,9 @@ __all__ = [
     "Strategy",
     "TrimmedMean",
 ]
+
+
+def averages_plainly(strategy: object) -> bool:
+    """A FedAvg-family strategy that needs nothing but the average delta (what privacy,
+    secure aggregation and exact LoRA aggregation can work with)."""
+    return isinstance(strategy, FedAvg) and not isinstance(strategy, (FedDyn, Scaffold))
