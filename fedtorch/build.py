@@ -410,6 +410,22 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
             "release only the average update; use fedavg, fedprox, fedavgm, fedadagrad, "
             "fedadam or fedyogi",
         )
+    compression = _instantiate(cfg.compression, "compression", seed=cfg.seed)
+    if secure_agg.enabled and compression.enabled:
+        raise ConfigError(
+            "compression",
+            f"compression={compression.kind} cannot run under secure aggregation: the masks "
+            "make every coordinate of the sent vector non-zero and clients' scales differ, "
+            "so nothing compressed survives the ring sum; use compression=none and fewer "
+            "secure_aggregation.bits (bits/8 bytes a coordinate)",
+        )
+    if adapter.aggregation == "exact" and compression.downlink != "none":
+        raise ConfigError(
+            "compression.downlink",
+            "adapter.aggregation=exact folds the clients' exact adapters into the base; "
+            "a lossy broadcast would make them differ from the server's; use downlink=none",
+        )
+    compression.bind(layout, num_clients, run_dir)
     exact_lora = None
     if adapter.aggregation == "exact":
         check_exact_strategy(strategy, privacy.enabled, secure_agg.enabled)
@@ -451,6 +467,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         checkpointing=checkpointing,
         privacy=privacy,
         secure_agg=secure_agg,
+        compression=compression,
         adapter=adapter,
         exact_lora=exact_lora,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},

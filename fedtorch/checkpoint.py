@@ -152,6 +152,10 @@ ADDED_KEYS: dict[str, Any] = {
     "data.plays": None,
     "data.tokenizer": None,
     "adapter.aggregation": "separate",
+    "compression._target_": "fedtorch.compression.Compression",
+    "compression.kind": "none",
+    "compression.error_feedback": False,
+    "compression.downlink": "none",
 }
 
 

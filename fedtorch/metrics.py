@@ -32,6 +32,8 @@ BASE_COLUMNS = (
     "client_epsilon_max",
     "bytes_up",
     "bytes_down",
+    "compression_ratio",
+    "compression_ratio_down",
     "round_time_s",
     "elapsed_s",
 )

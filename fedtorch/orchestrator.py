@@ -18,6 +18,8 @@ from fedtorch.adapters import NoAdapter
 from fedtorch.attacks import Attack
 from fedtorch.checkpoint import CheckpointSettings, Interrupted, deferred_interrupt
 from fedtorch.client import ClientTrainer
+from fedtorch.compression import Compression
+from fedtorch.compression.channel import ring_bytes
 from fedtorch.data.datasets import DataBundle
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import (
@@ -52,6 +54,9 @@ class Progress:
     last_eval: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    # What the same messages would have taken uncompressed (float32 updates and weights).
+    bytes_up_uncompressed: int = 0
+    bytes_down_uncompressed: int = 0
     # Clients that have received the frozen (``keep``) weights, sent once per client.
     base_sent: list[int] = field(default_factory=list)
     elapsed_s: float = 0.0
@@ -121,6 +126,7 @@ class Orchestrator:
         checkpointing: CheckpointSettings | None = None,
         privacy: DifferentialPrivacy | NoPrivacy | None = None,
         secure_agg: SecureAggregation | None = None,
+        compression: Compression | None = None,
         adapter: Any = None,
         exact_lora: list[LoraPair] | None = None,
         extra_summary: dict[str, Any] | None = None,
@@ -139,6 +145,7 @@ class Orchestrator:
         self.checkpointing = checkpointing or CheckpointSettings()
         self.privacy = privacy or NoPrivacy()
         self.secure_agg = secure_agg or SecureAggregation()
+        self.compression = compression or Compression()
         self.adapter = adapter or NoAdapter()
         self.exact_lora = exact_lora or []
         # Base weights the exact LoRA aggregation changes every round (sent every round).
@@ -171,6 +178,13 @@ class Orchestrator:
         self.bytes_up_per_client = (
             layout.bytes_of(self.global_state, ("mean", "max")) + extra_up * vector_bytes
         )
+        # The parts of a message that compression leaves alone: counters (max keys) and a
+        # strategy's extra vectors (SCAFFOLD's control variates) up; all but the mean keys
+        # down.
+        mean_bytes = layout.bytes_of(self.global_state, ("mean",))
+        self.bytes_up_other = self.bytes_up_per_client - mean_bytes
+        self.bytes_down_other = self.bytes_down_per_client - mean_bytes
+        self._round_down_per_client = self.bytes_down_per_client
 
     def run(self) -> dict[str, Any]:
         """Train for all rounds (or until the target); return the summary (also written).
@@ -235,6 +249,7 @@ class Orchestrator:
             "wall_time_s": round(time.perf_counter() - start, 3),
             "bytes_up": progress.bytes_up,
             "bytes_down": progress.bytes_down,
+            **self._compression_summary(progress),
             "num_parameters": sum(p.numel() for p in self.model.parameters()),
             "trainable_parameters": sum(
                 p.numel() for p in self.model.parameters() if p.requires_grad
@@ -260,16 +275,12 @@ class Orchestrator:
             tasks, round_idx, self.shard_sizes, self.trainer.batch_size
         )
         self.attack.prepare(tasks)
+        self.compression.start_round(round_idx)
         pipeline = self._start_pipeline(tasks, round_idx)
+        sent_state, sent_vector = self._broadcast()
         if tasks:
             self.engine.run(
-                self.trainer,
-                tasks,
-                self.shards,
-                self.global_state,
-                self.global_vector,
-                round_idx,
-                pipeline,
+                self.trainer, tasks, self.shards, sent_state, sent_vector, round_idx, pipeline
             )
         failed = self._check_failures(pipeline.failures, round_idx)
         clients = pipeline.clients
@@ -290,11 +301,27 @@ class Orchestrator:
             row.update(_weighted_train_metrics(clients))
         return (pipeline if trained or self.privacy.enabled else None), row
 
+    def _broadcast(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The global weights as clients receive them: the server's own, or, with
+        ``compression.downlink``, a decoded copy of the compressed mean keys (clients train
+        from it and their deltas are taken against it). Sets this round's download bytes."""
+        if self.compression.downlink == "none":
+            return self.global_state, self.global_vector
+        vector, nbytes = self.compression.broadcast(self.global_vector)
+        self._round_down_per_client = nbytes + self.bytes_down_other
+        state = dict(self.global_state)
+        for spec in self.layout.specs:
+            state[spec.name] = state[spec.name].clone()
+        self.layout.unflatten_into(vector, state)
+        return state, vector
+
     def _start_pipeline(self, tasks: list[ClientTask], round_idx: int) -> UpdatePipeline:
         """The round's update pipeline: the per-update steps, then the aggregator."""
         steps: list[Any] = [check_finite]
         if self.attack.rewrites_updates:
             steps.append(lambda client, delta: self._attack(client, delta, round_idx))
+        if self.compression.enabled:  # before privacy: DP clips the decoded update
+            steps.append(self.compression.step)
         if self.privacy.enabled or self.secure_agg.enabled:
             weighted = getattr(self.strategy, "weighted", True)
             weights = {
@@ -349,16 +376,26 @@ class Orchestrator:
         if pipeline is not None:
             self._apply(pipeline, round_idx)
             self.trainer.commit_local_state([c.client_id for c in pipeline.clients])
+            self.compression.commit()
         base_sent = progress.base_sent
         if self.bytes_down_once:
             base_sent = sorted(set(base_sent) | set(sampled))
+        once = self.bytes_down_once * (len(base_sent) - len(progress.base_sent))
+        up_raw = self.bytes_up_per_client * row["clients"]
+        up = self._uplink_bytes(pipeline, row["clients"])
+        down_raw = self.bytes_down_per_client * len(sampled)
+        down = self._round_down_per_client * len(sampled)
+        if self.compression.enabled or self.compression.downlink != "none":
+            row["compression_ratio"] = up_raw / up if up else None
+        if self.compression.downlink != "none":
+            row["compression_ratio_down"] = down_raw / down if down else None
         progress = replace(
             progress,
             round=round_idx,
-            bytes_down=progress.bytes_down
-            + self.bytes_down_per_client * len(sampled)
-            + self.bytes_down_once * (len(base_sent) - len(progress.base_sent)),
-            bytes_up=progress.bytes_up + self.bytes_up_per_client * row["clients"],
+            bytes_down=progress.bytes_down + down + once,
+            bytes_up=progress.bytes_up + up,
+            bytes_down_uncompressed=progress.bytes_down_uncompressed + down_raw + once,
+            bytes_up_uncompressed=progress.bytes_up_uncompressed + up_raw,
             base_sent=base_sent,
         )
         if round_idx % s.eval_every == 0 or round_idx == s.rounds:
@@ -368,6 +405,19 @@ class Orchestrator:
             if progress.best_accuracy is None or accuracy > progress.best_accuracy:
                 progress.best_accuracy, progress.best_round = accuracy, round_idx
         return progress
+
+    def _uplink_bytes(self, pipeline: UpdatePipeline | None, clients: int) -> int:
+        """The bytes this round's reporting clients sent: their encoded updates (with
+        compression), the masked ring elements (secure aggregation), or the updates as
+        they are; plus what compression leaves alone (counters, extra vectors)."""
+        if self.compression.enabled and pipeline is not None:
+            ids = [c.client_id for c in pipeline.clients]
+            return self.compression.uplink_bytes(ids) + self.bytes_up_other * len(ids)
+        if self.secure_agg.enabled:
+            return (
+                ring_bytes(self.layout.size, self.secure_agg.bits) + self.bytes_up_other
+            ) * clients
+        return self.bytes_up_per_client * clients
 
     def _privacy_summary(self, budget_stop: bool) -> dict[str, Any]:
         accountants = getattr(self.trainer, "accountants", None)
@@ -387,6 +437,21 @@ class Orchestrator:
             "privacy_mode": p.mode,
             "client_sampling": p.sampling,
             "stopped_by_privacy_budget": budget_stop,
+        }
+
+    def _compression_summary(self, progress: Progress) -> dict[str, Any]:
+        c = self.compression
+        if not c.enabled and c.downlink == "none" and not self.secure_agg.enabled:
+            return {}
+        return {
+            "compression": c.kind,
+            "error_feedback": c.error_feedback,
+            "downlink_compression": c.downlink,
+            "bytes_up_uncompressed": progress.bytes_up_uncompressed,
+            "bytes_down_uncompressed": progress.bytes_down_uncompressed,
+            "compression_ratio": (
+                progress.bytes_up_uncompressed / progress.bytes_up if progress.bytes_up else None
+            ),
         }
 
     def _save_model(self) -> None:
@@ -424,6 +489,7 @@ class Orchestrator:
             "global_vector": self.global_vector.detach().cpu(),
             "strategy": self.strategy.state_dict(),
             "privacy": self.privacy.state_dict(),
+            "compression": self.compression.state_dict(),
             "local_state": self.trainer.local_state,
             "trainer": self.trainer.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
@@ -468,6 +534,7 @@ class Orchestrator:
         self.global_vector = payload["global_vector"].to(self.global_vector.device)
         self.strategy.load_state_dict(payload["strategy"])
         self.privacy.load_state_dict(payload["privacy"])
+        self.compression.load_state_dict(payload.get("compression", {}))
         self.trainer.local_state = payload["local_state"]
         self.trainer.load_state_dict(payload["trainer"])
         torch.set_rng_state(payload["rng"]["torch"])

@@ -23,6 +23,7 @@ SYSTEM = 6
 ATTACK = 7
 PRIVACY = 8
 SECAGG = 9
+COMPRESSION = 10
 
 
 def derive_seed(seed: int, *path: int) -> int:

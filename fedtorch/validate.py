@@ -30,6 +30,7 @@ GROUPS = (
     "attack",
     "privacy",
     "secure_aggregation",
+    "compression",
 )
 
 

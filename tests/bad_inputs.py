@@ -177,6 +177,35 @@ CASES: list[tuple[str, list[str], str]] = [
         "on_client_failure: must be drop or raise, got 'ignore'",
     ),
     (
+        "compression fraction outside (0, 1]",
+        ["compression=topk", "compression.fraction=1.5"],
+        "compression.fraction: must be in (0, 1], got 1.5",
+    ),
+    (
+        "QSGD with fewer than one level",
+        ["compression=qsgd", "compression.levels=0"],
+        "compression.levels: must be an integer >= 1, got 0",
+    ),
+    (
+        "error feedback with nothing to feed back",
+        ["compression.error_feedback=true"],
+        "compression.error_feedback: compression=none sends updates exactly, so there is no",
+    ),
+    (
+        "sparsifier under secure aggregation",
+        [
+            "compression=topk",
+            "secure_aggregation.enabled=true",
+            "secure_aggregation.value_range=1.0",
+        ],
+        "compression: compression=topk cannot run under secure aggregation",
+    ),
+    (
+        "sparse downlink",
+        ["compression=topk", "compression.downlink=topk"],
+        "compression.downlink: must be one of none, fp16, bf16, int8, got 'topk'",
+    ),
+    (
         "negative checkpoint interval",
         ["checkpoint.every=-1"],
         "checkpoint.every: must be an integer >= 0, got -1",

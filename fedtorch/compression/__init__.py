@@ -1,0 +1,6 @@
+"""Communication compression: update compressors and the ``compression`` config group."""
+
+from fedtorch.compression.channel import DOWNLINK_KINDS, KINDS, Compression, make_compressor
+from fedtorch.compression.compressors import Compressor, Encoded
+
+__all__ = ["DOWNLINK_KINDS", "KINDS", "Compression", "Compressor", "Encoded", "make_compressor"]
