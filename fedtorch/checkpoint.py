@@ -156,6 +156,8 @@ ADDED_KEYS: dict[str, Any] = {
     "compression.kind": "none",
     "compression.error_feedback": False,
     "compression.downlink": "none",
+    "aggregation.collective": "gather",
+    "distributed.timeout_s": 1800,
 }
 
 

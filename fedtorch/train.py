@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedtorch import checkpoint
+from fedtorch import checkpoint, distributed
 from fedtorch.build import build, resume_target
 from fedtorch.checkpoint import Interrupted
-from fedtorch.errors import FedtorchError
+from fedtorch.errors import ConfigError, FedtorchError
 from fedtorch.hydra_errors import precheck
 
 log = logging.getLogger("fedtorch")
@@ -37,6 +39,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     resumed_dir, _ = resume_target(cfg)
     run_dir = resumed_dir or Path(run_dir)
+    if distributed.launched():
+        _check_distributed(cfg)
+        if distributed.rank() != 0:
+            _serve(cfg)
+            return {}
     orchestrator = build(cfg, run_dir)
     checkpoint.atomic_write_bytes(
         run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
@@ -56,7 +63,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         orchestrator.extra_summary["device"],
         run_dir,
     )
-    summary = orchestrator.run()
+    try:
+        summary = orchestrator.run()
+    finally:
+        if hasattr(orchestrator.engine, "close"):
+            orchestrator.engine.close()
     log.info(
         "done: final accuracy %.4f, best %.4f (round %s), %.1fs",
         _or_nan(summary["final_accuracy"]),
@@ -65,6 +76,34 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         summary["wall_time_s"],
     )
     return summary
+
+
+def _check_distributed(cfg: DictConfig) -> None:
+    """Under torchrun: every rank composed the same config, and the engine is the
+    distributed one (any other would train every client on every rank)."""
+    distributed.check_config(cfg)
+    target = cfg.engine.get("_target_", "")
+    if not str(target).endswith("DistributedEngine"):
+        raise ConfigError(
+            "engine",
+            f"launched as {distributed.world_size()} processes, but engine={target} would "
+            "train every client on every rank; use engine=distributed",
+        )
+
+
+def _serve(cfg: DictConfig) -> None:
+    """A worker rank: build the same run in a scratch folder (nothing is written in the
+    run folder) and train the clients rank 0 assigns until it says stop."""
+    worker_cfg = cfg.copy()
+    worker_cfg.resume = False  # rank 0 restores the run; workers get its weights
+    with tempfile.TemporaryDirectory(prefix="fedtorch-rank") as scratch:
+        orchestrator = build(worker_cfg, scratch)
+        orchestrator.engine.serve(
+            orchestrator.trainer,
+            orchestrator.shards,
+            orchestrator.global_state,
+            orchestrator.global_vector,
+        )
 
 
 def _or_nan(value: float | None) -> float:
@@ -104,11 +143,23 @@ def main(cfg: DictConfig) -> float | None:
             command = " ".join(["python -m fedtorch.train", *kept, f"resume={run_dir}"])
             print(f"checkpoint: {stop.path}\nresume with: {command}", file=sys.stderr)
         sys.exit(130)
-    return summary["best_accuracy"]
+    return summary.get("best_accuracy")  # None on worker ranks
+
+
+def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    """SIGTERM (what schedulers and torchrun send before killing) acts like Ctrl-C: the
+    SIGINT handler in force runs (deferred inside a round's critical section), or
+    KeyboardInterrupt is raised."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def cli() -> None:
-    """``python -m fedtorch.train``: Hydra's own config errors as one line, then run."""
+    """``python -m fedtorch.train``: Hydra's own config errors as one line, then run
+    (under torchrun: join the process group and agree on one run folder first)."""
     try:
         precheck(sys.argv[1:])
     except FedtorchError as exc:
@@ -116,7 +167,15 @@ def cli() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    main()
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    if distributed.launched():
+        sys.argv = [sys.argv[0], *distributed.start(sys.argv[1:])]
+    try:
+        main()
+    except KeyboardInterrupt:  # a worker rank stopped by Ctrl-C / SIGTERM
+        sys.exit(130)
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

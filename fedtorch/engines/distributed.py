@@ -1,0 +1,277 @@
+"""Distributed engine: a round's clients trained by several processes (torch.distributed).
+
+The cohort is cut into contiguous chunks of ``chunk_size`` clients, a size that does not
+depend on the number of processes, and chunk i goes to rank ``i mod world_size``. Every
+rank trains its chunks with the inner engine (sequential, or vectorized with the chunk as
+its cohort). Rank 0, the server, broadcasts the global weights at the start of the round
+and sends each worker its clients' tasks (with any per-client state the strategy keeps on
+the server, such as SCAFFOLD's c - c_i, evaluated there); workers send every client's
+update back as soon as it is trained. Rank 0 feeds the updates to the round's pipeline in
+cohort order (``aggregation.collective=gather``), so every strategy, robust ones included,
+aggregates exactly what the one-process run aggregates: the final weights are
+bit-identical whatever the number of processes (with the same ``torch_threads`` per
+process; the number of intra-op threads can change float results).
+
+Failures: a worker whose messages stop for ``distributed.timeout_s`` seconds (hung or
+dead) stops the run on rank 0 with an error naming it; a worker that hears nothing from
+rank 0 for as long stops likewise. A client that raises on a worker is reported to rank 0
+and dropped from the round as in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fedtorch import distributed
+from fedtorch.client import ClientTrainer
+from fedtorch.distributed import DistributedError, isend_object, recv_object
+from fedtorch.errors import ConfigError
+from fedtorch.pipeline.pipeline import UpdateSink
+from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
+
+COLLECTIVES = ("gather",)
+
+
+class DistributedEngine:
+    """See the module docstring.
+
+    Args:
+        inner: the engine each rank trains its chunks with.
+        chunk_size: clients per chunk (contiguous in cohort order).
+        timeout_s: seconds a rank waits for another before failing the run.
+        collective: how updates reach the aggregator: ``gather`` (to rank 0, in cohort
+            order).
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        chunk_size: int = 1,
+        timeout_s: float = 1800.0,
+        collective: str = "gather",
+    ) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ConfigError("engine.chunk_size", f"must be an integer >= 1, got {chunk_size!r}")
+        if collective not in COLLECTIVES:
+            raise ConfigError(
+                "aggregation.collective", f"must be one of {COLLECTIVES}, got {collective!r}"
+            )
+        if not dist.is_initialized():
+            raise ConfigError(
+                "engine",
+                "engine=distributed runs under torchrun: fedtorch-run --nproc_per_node=N -- "
+                "OVERRIDES, or torchrun --nproc_per_node=N -m fedtorch.train OVERRIDES",
+            )
+        self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        self.tensor_group: Any = None  # made on first use: gloo on CPU, NCCL on CUDA
+        self.verbose = getattr(inner, "verbose", False)
+
+    def check(self, trainer: ClientTrainer) -> None:
+        """Refuse what lives on the rank that trained a client, not on the server."""
+        if hasattr(self.inner, "check"):
+            self.inner.check(trainer)
+        if trainer.layout.keys("local"):
+            raise ConfigError(
+                "engine",
+                "engine=distributed cannot keep clients' local keys (key_rules with rule "
+                "local, strategy=fedbn): they would live on whichever rank trained the client; "
+                "use engine=sequential",
+            )
+        if getattr(trainer, "accountants", None) is not None:
+            raise ConfigError(
+                "engine",
+                "engine=distributed cannot run client=dpsgd: each client's privacy accountant "
+                "would live on whichever rank trained it; use engine=sequential",
+            )
+
+    def _chunks(self, tasks: Sequence[ClientTask]) -> list[list[ClientTask]]:
+        c = self.chunk_size
+        return [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
+
+    def _tensors(self, device: torch.device) -> Any:
+        if self.tensor_group is None:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            timeout = timedelta(seconds=self.timeout_s)
+            self.tensor_group = (
+                self.group
+                if backend == "gloo"
+                else dist.new_group(backend=backend, timeout=timeout)
+            )
+        return self.tensor_group
+
+    def _broadcast_weights(
+        self, global_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor
+    ) -> None:
+        group = self._tensors(global_vector.device)
+        for tensor in (*global_state.values(), global_vector):
+            dist.broadcast(tensor, 0, group=group)
+
+    # Rank 0 ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        trainer: ClientTrainer,
+        tasks: Sequence[ClientTask],
+        shards: Sequence[torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        global_vector: torch.Tensor,
+        round_idx: int,
+        sink: UpdateSink,
+    ) -> None:
+        """Train ``tasks`` across the ranks; updates reach ``sink`` in cohort order."""
+        chunks = self._chunks(tasks)
+        self._announce("round", round_idx)
+        self._broadcast_weights(global_state, global_vector)
+        pending = []
+        for worker in range(1, self.world):
+            mine = [
+                (i, [_portable(t) for t in chunk])
+                for i, chunk in enumerate(chunks)
+                if i % self.world == worker
+            ]
+            pending += isend_object(mine, worker, self.group)
+        buffer = torch.empty_like(global_vector)
+        for i, chunk in enumerate(chunks):
+            owner = i % self.world
+            if owner == 0:
+                self.inner.run(trainer, chunk, shards, global_state, global_vector, round_idx, sink)
+            else:
+                self._receive(owner, chunk, round_idx, buffer, sink)
+        for work, _ in pending:
+            work.wait()
+
+    def _receive(
+        self,
+        owner: int,
+        chunk: list[ClientTask],
+        round_idx: int,
+        buffer: torch.Tensor,
+        sink: UpdateSink,
+    ) -> None:
+        """Feed one worker's chunk to ``sink``, message by message, until its end mark."""
+        try:
+            while True:
+                kind, payload = recv_object(owner, self.group)
+                if kind == "end":
+                    return
+                if kind == "failed":
+                    sink.fail(payload)
+                    continue
+                dist.recv(buffer, owner, group=self._tensors(buffer.device))
+                sink.add(payload, buffer)
+        except RuntimeError as exc:
+            clients = ", ".join(str(t.client_id) for t in chunk)
+            raise DistributedError(
+                f"distributed: round {round_idx}: rank {owner} did not deliver the updates of "
+                f"clients {clients} within distributed.timeout_s={self.timeout_s:g} (hung or "
+                f"dead): {_first_line(exc)}"
+            ) from None
+
+    def _announce(self, kind: str, round_idx: int) -> None:
+        """Rank 0: check every worker is there (gloo's monitored barrier names the ones
+        that are not), then tell them what comes next."""
+        try:
+            dist.monitored_barrier(
+                group=self.group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
+            )
+        except RuntimeError as exc:
+            raise DistributedError(
+                f"distributed: round {round_idx}: not every rank is there after "
+                f"distributed.timeout_s={self.timeout_s:g}: {_first_line(exc)}"
+            ) from None
+        dist.broadcast_object_list([(kind, round_idx)], src=0, group=self.group)
+
+    def close(self) -> None:
+        """Tell the workers the run is over (rank 0, at the end or on an error)."""
+        if self.rank == 0 and self.world > 1:
+            # A worker already gone is left to torchrun, which ends the others.
+            with contextlib.suppress(RuntimeError, DistributedError):
+                self._announce("stop", 0)
+
+    # Workers -----------------------------------------------------------------------------
+
+    def serve(
+        self,
+        trainer: ClientTrainer,
+        shards: Sequence[torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        global_vector: torch.Tensor,
+    ) -> None:
+        """A worker's loop: each round, receive the weights and this rank's chunks, train
+        them, send the updates; return when rank 0 says stop."""
+        while True:
+            try:
+                dist.monitored_barrier(
+                    group=self.group,
+                    timeout=timedelta(seconds=self.timeout_s),
+                    wait_all_ranks=True,
+                )
+                message: list[Any] = [None]
+                dist.broadcast_object_list(message, src=0, group=self.group)
+                kind, round_idx = message[0]
+                if kind == "stop":
+                    return
+                self._broadcast_weights(global_state, global_vector)
+                assigned = recv_object(0, self.group)
+            except RuntimeError as exc:
+                raise DistributedError(
+                    f"distributed: rank {self.rank} heard nothing from rank 0 within "
+                    f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
+                ) from None
+            forward = _Forward(self.group, self._tensors(global_vector.device))
+            for _, chunk in assigned:
+                self.inner.run(
+                    trainer, chunk, shards, global_state, global_vector, round_idx, forward
+                )
+                forward.end_chunk()
+            forward.wait()
+
+
+class _Forward:
+    """A worker's sink: each update (a copy) and failure goes to rank 0 without blocking."""
+
+    def __init__(self, group: Any, tensor_group: Any) -> None:
+        self.group, self.tensor_group = group, tensor_group
+        self.pending: list[Any] = []
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        self.pending += isend_object(("update", client), 0, self.group)
+        copy = delta.detach().clone()
+        self.pending.append((dist.isend(copy, 0, group=self.tensor_group), copy))
+
+    def fail(self, failure: ClientFailure) -> None:
+        self.pending += isend_object(("failed", failure), 0, self.group)
+
+    def end_chunk(self) -> None:
+        self.pending += isend_object(("end", None), 0, self.group)
+
+    def wait(self) -> None:
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+def _portable(task: ClientTask) -> ClientTask:
+    """``task`` with its lazy per-client vectors evaluated (on the CPU), to be pickled."""
+
+    def cpu(vector: Any) -> Any:
+        value = resolve(vector)
+        return None if value is None else value.detach().cpu()
+
+    return replace(task, correction=cpu(task.correction), step_correction=cpu(task.step_correction))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+__all__ = ["DistributedEngine", "distributed"]
