@@ -47,7 +47,7 @@ def start(argv: list[str]) -> list[str]:
     """Join the process group and return ``argv`` with the run folder every rank uses
     (rank 0's) and, on workers, Hydra's own files and log file switched off."""
     if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=_timeout_from(argv)))
+        _init_process_group(timedelta(seconds=_timeout_from(argv)))
     args = list(argv)
     if not any(a.startswith("hydra.run.dir=") for a in args):
         stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
@@ -56,6 +56,26 @@ def start(argv: list[str]) -> list[str]:
     if rank() != 0:
         args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return args
+
+
+def _init_process_group(timeout: timedelta) -> None:
+    """The default group: gloo for CPU tensors and objects, NCCL for CUDA tensors where
+    there is CUDA. Its rendezvous keys are prefixed with torchrun's restart count: after a
+    restart the store still holds the previous attempt's addresses, and a rank reading one
+    of those before its peer has published the new one fails to connect."""
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    world, me = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=me == 0 and not agent_hosts,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"/fedtorch/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=me, world_size=world, timeout=timeout)
 
 
 def _timeout_from(argv: list[str]) -> float:
@@ -67,7 +87,7 @@ def _timeout_from(argv: list[str]) -> float:
                 return float(arg.split("=", 1)[1])
             except ValueError:
                 break
-    return 600.0
+    return 1800.0
 
 
 def check_config(cfg: DictConfig) -> None:

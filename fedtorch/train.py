@@ -44,6 +44,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         if distributed.rank() != 0:
             _serve(cfg)
             return {}
+        cfg = _resume_after_restart(cfg, run_dir)
     orchestrator = build(cfg, run_dir)
     checkpoint.atomic_write_bytes(
         run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
@@ -89,6 +90,19 @@ def _check_distributed(cfg: DictConfig) -> None:
             f"launched as {distributed.world_size()} processes, but engine={target} would "
             "train every client on every rank; use engine=distributed",
         )
+
+
+def _resume_after_restart(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """torchrun restarted the ranks after a crash (``--max_restarts``): continue from the
+    newest checkpoint of the run folder, if there is one, losing at most the round that
+    was in flight."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restarts or cfg.resume is not False or not checkpoint.list_checkpoints(run_dir):
+        return cfg
+    log.warning("restart %d: resuming from the newest checkpoint in %s", restarts, run_dir)
+    cfg = cfg.copy()
+    cfg.resume = True
+    return cfg
 
 
 def _serve(cfg: DictConfig) -> None:

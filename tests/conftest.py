@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,6 +56,32 @@ def run_cli(args: Sequence[str], cwd: Path, env: dict[str, str] | None = None, t
 @pytest.fixture
 def fast_overrides() -> list[str]:
     return list(FAST)
+
+
+class SleepyRank1MLP(MLP):
+    """The MLP, but rank 1 of a distributed run sleeps 60 s in its first training step
+    (a hung rank, for the timeout test)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and os.environ.get("RANK") == "1" and not getattr(self, "slept", 0):
+            self.slept = 1
+            time.sleep(60)
+        return super().forward(x)
+
+
+class CrashOnceMLP(MLP):
+    """The MLP, but rank 1 of a distributed run kills itself (SIGKILL) at its 40th training
+    step of torchrun's first attempt; otherwise the plain MLP, bit for bit."""
+
+    steps = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        if self.training and os.environ.get("RANK") == "1" and first_attempt:
+            CrashOnceMLP.steps += 1
+            if CrashOnceMLP.steps == 40:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
 
 
 class SlowEvalMLP(MLP):

@@ -71,9 +71,11 @@ class DistributedEngine:
             )
         self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
-        self.tensor_group: Any = None  # made on first use: gloo on CPU, NCCL on CUDA
+        # The default group (gloo, plus NCCL for CUDA tensors), made at start-up with this
+        # timeout (torchrun's restarts do not survive extra groups made with new_group).
+        self.group: Any = None
         self.verbose = getattr(inner, "verbose", False)
+        self.ready = False
 
     def check(self, trainer: ClientTrainer) -> None:
         """Refuse what lives on the rank that trained a client, not on the server."""
@@ -97,23 +99,11 @@ class DistributedEngine:
         c = self.chunk_size
         return [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
 
-    def _tensors(self, device: torch.device) -> Any:
-        if self.tensor_group is None:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            timeout = timedelta(seconds=self.timeout_s)
-            self.tensor_group = (
-                self.group
-                if backend == "gloo"
-                else dist.new_group(backend=backend, timeout=timeout)
-            )
-        return self.tensor_group
-
     def _broadcast_weights(
         self, global_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor
     ) -> None:
-        group = self._tensors(global_vector.device)
         for tensor in (*global_state.values(), global_vector):
-            dist.broadcast(tensor, 0, group=group)
+            dist.broadcast(tensor, 0)
 
     # Rank 0 ------------------------------------------------------------------------------
 
@@ -166,7 +156,7 @@ class DistributedEngine:
                 if kind == "failed":
                     sink.fail(payload)
                     continue
-                dist.recv(buffer, owner, group=self._tensors(buffer.device))
+                dist.recv(buffer, owner)
                 sink.add(payload, buffer)
         except RuntimeError as exc:
             clients = ", ".join(str(t.client_id) for t in chunk)
@@ -179,6 +169,7 @@ class DistributedEngine:
     def _announce(self, kind: str, round_idx: int) -> None:
         """Rank 0: check every worker is there (gloo's monitored barrier names the ones
         that are not), then tell them what comes next."""
+        self._started()
         try:
             dist.monitored_barrier(
                 group=self.group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
@@ -189,6 +180,13 @@ class DistributedEngine:
                 f"distributed.timeout_s={self.timeout_s:g}: {_first_line(exc)}"
             ) from None
         dist.broadcast_object_list([(kind, round_idx)], src=0, group=self.group)
+
+    def _started(self) -> None:
+        """Wait, once, until every rank has built its run (loading data can take longer
+        than ``timeout_s`` on some ranks; the default group's timeout applies)."""
+        if not self.ready:
+            dist.barrier()
+            self.ready = True
 
     def close(self) -> None:
         """Tell the workers the run is over (rank 0, at the end or on an error)."""
@@ -208,6 +206,7 @@ class DistributedEngine:
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
         them, send the updates; return when rank 0 says stop."""
+        self._started()
         while True:
             try:
                 dist.monitored_barrier(
@@ -227,7 +226,7 @@ class DistributedEngine:
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
                     f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
                 ) from None
-            forward = _Forward(self.group, self._tensors(global_vector.device))
+            forward = _Forward(self.group)
             for _, chunk in assigned:
                 self.inner.run(
                     trainer, chunk, shards, global_state, global_vector, round_idx, forward
@@ -239,14 +238,14 @@ class DistributedEngine:
 class _Forward:
     """A worker's sink: each update (a copy) and failure goes to rank 0 without blocking."""
 
-    def __init__(self, group: Any, tensor_group: Any) -> None:
-        self.group, self.tensor_group = group, tensor_group
+    def __init__(self, group: Any) -> None:
+        self.group = group
         self.pending: list[Any] = []
 
     def add(self, client: ClientResult, delta: torch.Tensor) -> None:
         self.pending += isend_object(("update", client), 0, self.group)
         copy = delta.detach().clone()
-        self.pending.append((dist.isend(copy, 0, group=self.tensor_group), copy))
+        self.pending.append((dist.isend(copy, 0, group=self.group), copy))
 
     def fail(self, failure: ClientFailure) -> None:
         self.pending += isend_object(("failed", failure), 0, self.group)

@@ -1,0 +1,148 @@
+"""engine=distributed under torchrun (gloo on 127.0.0.1): bit-identical to one process
+whatever the world size, restarts after a crash, hung ranks, mismatched ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtorch import checkpoint
+from fedtorch.build import build
+from fedtorch.errors import ConfigError
+from fedtorch.launch import command
+from tests.conftest import FAST, REPO, compose_config, run_cli
+
+# Five clients all sampled: with chunks of one client, three ranks do not divide the cohort.
+RUN = [*FAST, "torch_threads=1", "checkpoint.every=1"]
+STRATEGIES = {
+    "fedavg": ["strategy=fedavg"],
+    "fedadam": ["strategy=fedadam", "strategy.server_lr=0.01"],
+    "scaffold": ["strategy=scaffold"],
+    "krum": ["strategy=krum", "strategy.num_byzantine=1"],
+}
+TIMING = ("round_time_s", "elapsed_s")
+
+
+def fedtorch_run(nproc: int, overrides: list[str], cwd: Path, *launcher: str, timeout=240):
+    """``fedtorch-run --nproc_per_node=NPROC LAUNCHER -- OVERRIDES`` in a subprocess."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedtorch.launch",
+            f"--nproc_per_node={nproc}",
+            *launcher,
+            "--",
+            *overrides,
+        ],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
+    model = checkpoint.load_state(run_dir / "model.pt")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return model, [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def assert_same(run_dir: Path, reference: Path) -> None:
+    model, rows = outcome(run_dir)
+    ref_model, ref_rows = outcome(reference)
+    assert rows == ref_rows
+    assert all(torch.equal(model[k], ref_model[k]) for k in ref_model)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    """One-process runs (sequential engine), one per strategy."""
+    out = {}
+    for name, overrides in STRATEGIES.items():
+        run_dir = tmp_path_factory.mktemp(f"ref-{name}")
+        done = run_cli([*RUN, *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir)
+        assert done.returncode == 0, done.stderr[-2000:]
+        out[name] = run_dir
+    return out
+
+
+CASES = [
+    pytest.param(
+        name,
+        world,
+        marks=[] if world == 3 or name in ("fedavg", "scaffold") else [pytest.mark.slow],
+    )
+    for name in STRATEGIES
+    for world in (1, 2, 3)
+]
+
+
+@pytest.mark.parametrize(("strategy", "world"), CASES)
+def test_bit_identical_to_one_process(tmp_path, references, strategy, world):
+    run_dir = tmp_path / "run"
+    done = fedtorch_run(world, [*RUN, *STRATEGIES[strategy], f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same(run_dir, references[strategy])
+    written = sorted(p.name for p in run_dir.iterdir())
+    assert written == sorted(p.name for p in references[strategy].iterdir())
+
+
+def test_a_rank_killed_mid_round_is_restarted_and_the_run_ends_the_same(tmp_path):
+    overrides = [*RUN, "rounds=4", "model._target_=tests.conftest.CrashOnceMLP"]
+    reference = tmp_path / "reference"
+    done = run_cli([*overrides, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    done = fedtorch_run(2, [*overrides, f"hydra.run.dir={run_dir}"], tmp_path, "--max_restarts=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restart 1: resuming from the newest checkpoint" in done.stdout + done.stderr
+    assert_same(run_dir, reference)
+
+
+def test_a_hung_rank_stops_every_rank_with_its_name(tmp_path):
+    overrides = [*RUN, "model._target_=tests.conftest.SleepyRank1MLP", "distributed.timeout_s=4"]
+    done = fedtorch_run(2, [*overrides, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert done.returncode != 0
+    assert "error: distributed: round 1: rank 1 did not deliver the updates" in done.stderr
+
+
+def test_ranks_with_different_configs_stop_at_start_up(tmp_path):
+    done = fedtorch_run(2, [*RUN, "seed=${oc.env:RANK}", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert done.returncode != 0
+    assert "error: distributed: rank(s) 1 composed a different config from rank 0's" in (
+        done.stderr
+    )
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_another_engine_under_torchrun_is_refused(tmp_path):
+    done = fedtorch_run(2, [*RUN, "engine=sequential", f"hydra.run.dir={tmp_path}"], tmp_path)
+    assert done.returncode != 0
+    assert "error: engine: launched as 2 processes, but engine=" in done.stderr
+
+
+def test_distributed_engine_without_torchrun_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="^engine: engine=distributed runs under torchrun"):
+        build(compose_config([*FAST, "engine=distributed"]), tmp_path)
+
+
+def test_launcher_command_line():
+    assert command(["--nproc_per_node=2", "--", "+experiment=quickstart"])[:5] == [
+        "--standalone",
+        "--nproc_per_node=2",
+        "--module",
+        "fedtorch.train",
+        "engine=distributed",
+    ]
+    multi = command(["--nnodes=2", "--rdzv_endpoint=host:29400", "--", "engine=distributed"])
+    assert multi[0] == "--nnodes=2" and multi.count("engine=distributed") == 1
+    assert multi[-1].startswith("hydra.run.dir=${paths.output_dir}/runs/")
+    assert command(["--", "hydra.run.dir=/x"])[-1] == "hydra.run.dir=/x"
