@@ -166,11 +166,13 @@ def test_cli_sigkill_then_resume(tmp_path, reference):
     assert_same(run_dir, reference)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, reference):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, reference, signum):
+    """Ctrl-C, and SIGTERM (what schedulers send before they kill a job), alike."""
     run_dir = tmp_path / "run"
     proc = popen_cli([*RUN, SLOW, f"hydra.run.dir={run_dir}"], tmp_path)
     wait_for_rows(run_dir, 1, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     command = next(line for line in stderr.splitlines() if line.startswith("resume with: "))
