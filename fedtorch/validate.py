@@ -7,6 +7,7 @@ partitioners check their own options, the client trainer its own).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -50,11 +51,15 @@ def _bool(cfg: DictConfig, key: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` if available else ``cpu``; refuses CUDA on a machine without it."""
+    """``auto`` -> ``cuda`` if available else ``cpu``; refuses CUDA on a machine without it.
+    Under torchrun, ``cuda`` is the GPU of the process's ``LOCAL_RANK`` (ranks beyond the
+    node's GPUs share them round-robin)."""
     if not isinstance(name, str) or not _DEVICE.match(name):
         raise ConfigError("device", f"must be cpu, cuda, cuda:N or auto, got {name!r}")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per rank
+        name = f"cuda:{int(os.environ['LOCAL_RANK']) % max(torch.cuda.device_count(), 1)}"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(
