@@ -66,9 +66,11 @@ DESCRIPTIONS = {
     "B": "McMahan CNN, same split and schedule as A",
     "C": "2NN, 1000 clients Dir(0.3), 100 a round, E=1, B=10, lr 0.05, 10 rounds",
 }
-ENGINES = ("reference", "sequential", "vectorized", "flower")
+ENGINES = ("reference", "sequential", "vectorized", "distributed", "flower")
+# engine=distributed: this many torchrun processes with one thread each (against one
+# process with --threads threads for the other engines).
+RANKS = 2
 FLOWER_REQUIREMENT = "flwr[simulation]==1.42.*"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def compose_workload(name: str, extra: list[str]):
@@ -158,8 +160,24 @@ def run_engine(
     # PYTHONPATH: the spec pickles fedtorch's model classes (plain nn.Modules); Flower's venv
     # and its Ray workers import them from this checkout.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parents[1])}
+    torchrun_dir = None
     if engine == "reference":
         cmd = [sys.executable, str(HERE / "reference.py"), str(spec)]
+    elif engine == "distributed":
+        torchrun_dir = Path(tempfile.mkdtemp())
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedtorch.launch",
+            f"--nproc_per_node={RANKS}",
+            "--",
+            *WORKLOADS[workload],
+            *extra,
+            "torch_threads=1",
+            "checkpoint.every=0",
+            f"hydra.run.dir={torchrun_dir}",
+        ]
     elif engine == "flower":
         cmd = [flower_python, str(HERE / "flower_run.py"), str(spec)]
     else:
@@ -183,11 +201,28 @@ def run_engine(
             if stderr.strip()
             else f"exit {proc.returncode}"
         }
-    result = json.loads(stdout.strip().splitlines()[-1])
-    result["process_s"] = time.perf_counter() - t0
+    process_s = time.perf_counter() - t0
+    result = _distributed_result(torchrun_dir, process_s) if torchrun_dir else None
+    result = result or json.loads(stdout.strip().splitlines()[-1])
+    result["process_s"] = process_s
     result["median_round_s"] = statistics.median(result["round_times"])
     result.update(sampler.peaks_mb())
     return result
+
+
+def _distributed_result(run_dir: Path, process_s: float) -> dict:
+    """The JSON line fedtorch_run.py prints, read from a torchrun run's folder. Set-up is
+    the launch (torchrun, every rank's start, the rendezvous) to the start of round 1:
+    the process time less the round loop's (and the negligible shutdown)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before_round_1 = rows[0]["elapsed_s"] - rows[0]["round_time_s"]
+    return {
+        "setup_s": process_s - rows[-1]["elapsed_s"] + before_round_1,
+        "round_times": [r["round_time_s"] for r in rows],
+        "accuracies": [r["test_accuracy"] for r in rows if "test_accuracy" in r],
+        "final_accuracy": summary["final_accuracy"],
+    }
 
 
 def flower_python(skip: bool) -> str | None:
@@ -237,6 +272,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="rounds of every workload (default: ROUNDS)")
     parser.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default=str(HERE / "results.json"))
+    parser.add_argument(
+        "--block", default="results", help="the README.md block (<!-- NAME:start -->) to fill"
+    )
     args = parser.parse_args()
     engines = args.engines.split(",")
     fl_python = flower_python("flower" not in engines)
@@ -273,11 +311,12 @@ def main() -> None:
     table = render_table(report)
     print(table)
     readme = HERE / "README.md"
-    if readme.is_file() and START in readme.read_text():
+    start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
+    if readme.is_file() and start in readme.read_text():
         text = readme.read_text()
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
         print(f"updated {readme}")
 
 
