@@ -56,11 +56,10 @@ def _missing_option(exc: MissingConfigException) -> ConfigError:
     if not match:
         return ConfigError("config", text.splitlines()[0])
     group, option = match.groups()
-    options = [
-        line.strip()
-        for line in text.split("Available options", 1)[-1].splitlines()[1:]
-        if line.startswith("\t")
-    ]
+    options = getattr(exc, "options", None)
+    if options is None:  # the message lists them, then the search path
+        listed = text.split("Available options", 1)[-1].split("Config search path", 1)[0]
+        options = [line.strip() for line in listed.splitlines()[1:] if line.startswith("\t")]
     choices = f"; choose from {', '.join(options)}" if options else ""
     return ConfigError(group, f"no option {option!r}{choices}")
 

@@ -83,6 +83,21 @@ class StateLayout:
                 compiled.append((re.compile(str(entry.get("pattern", ""))), rule))
             except re.error as exc:
                 raise ConfigError(f"key_rules[{i}].pattern", f"invalid regex: {exc}") from exc
+        unmatched = [
+            i
+            for i, (pattern, _) in enumerate(compiled)
+            if not any(pattern.search(name) for name in state)
+        ]
+        if unmatched:
+            i = unmatched[0]
+            shown = key_rules[i].get("written_as", key_rules[i].get("pattern"))
+            keys = list(state)
+            some = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+            raise ConfigError(
+                f"key_rules[{i}].pattern",
+                f"{shown!r} matches no key of the model (a typo would silently apply the "
+                f"default rule to every key); its keys: {some}",
+            )
         self.rules: dict[str, str] = {}
         for name, tensor in state.items():
             default = "mean" if tensor.is_floating_point() else "max"
@@ -181,7 +196,9 @@ def expand_key_rules(model: nn.Module, key_rules: Sequence[Mapping]) -> list[dic
     ]
     batchnorm = rf"^({'|'.join(names)})\." if names else r"(?!)"
     return [
-        {**entry, "pattern": batchnorm} if entry.get("pattern") == "@batchnorm" else dict(entry)
+        {**entry, "pattern": batchnorm, "written_as": "@batchnorm"}
+        if entry.get("pattern") == "@batchnorm"
+        else dict(entry)
         for entry in key_rules
     ]
 

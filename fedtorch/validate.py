@@ -7,6 +7,7 @@ partitioners check their own options, the client trainer its own).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -116,12 +117,27 @@ def validate_config(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ConfigError(group, "missing or has no _target_; pick an option of its group")
+    _check_finite(cfg)
     _check_optimizer(cfg.client.get("optimizer"))
     rules = cfg.get("key_rules")
     if not isinstance(rules, ListConfig) or not all(isinstance(r, DictConfig) for r in rules):
         raise ConfigError(
             "key_rules", f"must be a list of {{pattern: REGEX, rule: NAME}}, got {rules!r}"
         )
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """No number in the config may be NaN or infinite: such a hyperparameter would train
+    and fail rounds later (an lr of inf makes every client's update NaN), or pass checks
+    such as ``lr > 0`` that it should not."""
+    items = node.items() if isinstance(node, DictConfig) else enumerate(node)
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and isinstance(key, str) else f"{prefix}[{key}]"
+        name = name if prefix else str(key)
+        if isinstance(value, (DictConfig, ListConfig)):
+            _check_finite(value, name)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(name, f"must be a finite number, got {value}")
 
 
 def _check_optimizer(opt: Any) -> None:

@@ -177,6 +177,26 @@ CASES: list[tuple[str, list[str], str]] = [
         "on_client_failure: must be drop or raise, got 'ignore'",
     ),
     (
+        "infinite learning rate",
+        ["client.optimizer.lr=inf"],
+        "client.optimizer.lr: must be a finite number, got inf",
+    ),
+    (
+        "NaN hyperparameter",
+        ["strategy=fedprox", "client.prox_mu=nan"],
+        "client.prox_mu: must be a finite number, got nan",
+    ),
+    (
+        "key rule that matches no key",
+        ["key_rules=[{pattern: '^fc9', rule: local}]"],
+        "key_rules[0].pattern: '^fc9' matches no key of the model",
+    ),
+    (
+        "FedBN on a model without BatchNorm",
+        ["strategy=fedbn"],
+        "key_rules[0].pattern: '@batchnorm' matches no key of the model",
+    ),
+    (
         "compression fraction outside (0, 1]",
         ["compression=topk", "compression.fraction=1.5"],
         "compression.fraction: must be in (0, 1], got 1.5",

@@ -55,6 +55,15 @@ def test_table_has_enough_entries_and_is_in_the_readme():
     assert not missing, f"README bad-input table lacks: {missing}"
 
 
+def test_an_unknown_option_lists_the_group_options_and_nothing_else(tmp_path):
+    strategies = sorted(p.stem for p in (REPO / "configs" / "strategy").glob("*.yaml"))
+    line = error_line([*FAST, "strategy=fedfoo"], tmp_path / "run")
+    assert line == f"strategy: no option 'fedfoo'; choose from {', '.join(strategies)}"
+    presets = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
+    line = error_line([*FAST, "+experiment=nope"], tmp_path / "run")
+    assert line == f"experiment: no option 'nope'; choose from {', '.join(presets)}"
+
+
 def test_hydra_level_mistakes_are_one_line_on_the_command_line(tmp_path):
     for args, expected in (
         (["strategy=fedfoo"], "error: strategy: no option 'fedfoo'; choose from"),
