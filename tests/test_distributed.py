@@ -147,3 +147,14 @@ def test_launcher_command_line():
     assert multi[0] == "--nnodes=2" and multi.count("engine=distributed") == 1
     assert multi[-1].startswith("hydra.run.dir=${paths.output_dir}/runs/")
     assert command(["--", "hydra.run.dir=/x"])[-1] == "hydra.run.dir=/x"
+
+
+def test_resume_on_another_number_of_processes_ends_the_same(tmp_path, references):
+    run_dir = tmp_path / "run"
+    first = [*RUN, *STRATEGIES["scaffold"], "rounds=2", f"hydra.run.dir={run_dir}"]
+    done = fedtorch_run(2, first, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rest = [*RUN, *STRATEGIES["scaffold"], f"resume={run_dir}", "resume_force=true"]
+    done = fedtorch_run(3, rest, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same(run_dir, references["scaffold"])
