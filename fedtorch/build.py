@@ -304,9 +304,9 @@ def _run_context(
 
 def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
     """``(run folder, checkpoint file)`` named by ``resume=PATH``; ``(None, None)`` for
-    ``resume=false`` or ``resume=true`` (the current run folder)."""
+    ``resume=false``, ``true`` or ``auto`` (the current run folder)."""
     value = cfg.get("resume")
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool) or value is None or value == "auto":
         return None, None
     path = Path(str(value)).expanduser()
     if path.is_file():
@@ -319,7 +319,9 @@ def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
 def _checkpointing(cfg: DictConfig, run_dir: Path) -> CheckpointSettings:
     _, checkpoint_file = resume_target(cfg)
     resume = cfg.resume not in (False, None)
-    if resume and checkpoint_file is None and not checkpoint.list_checkpoints(run_dir):
+    if cfg.resume == "auto":  # a requeued job: continue if this run folder has a checkpoint
+        resume = bool(checkpoint.list_checkpoints(run_dir))
+    elif resume and checkpoint_file is None and not checkpoint.list_checkpoints(run_dir):
         raise ConfigError(
             "resume",
             f"no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}; pass resume=RUN_FOLDER "

@@ -70,6 +70,7 @@ FORMAT = 1
 # rounding).
 RESUME_IGNORED = (
     "resume",
+    "distributed",
     "resume_force",
     "checkpoint",
     "rounds",

@@ -103,7 +103,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError("init_from", f"must be null or a path, got {init_from!r}")
     resume = cfg.get("resume")
     if not isinstance(resume, (bool, str)) or resume == "":
-        raise ConfigError("resume", f"must be false, true or a run folder, got {resume!r}")
+        raise ConfigError("resume", f"must be false, true, auto or a run folder, got {resume!r}")
     if cfg.get("on_client_failure") not in ("drop", "raise"):
         raise ConfigError(
             "on_client_failure", f"must be drop or raise, got {cfg.get('on_client_failure')!r}"

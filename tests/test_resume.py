@@ -183,6 +183,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, refer
     assert_same(run_dir, reference)
 
 
+def test_resume_auto_starts_fresh_then_continues(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    train(compose_config([*RUN, "rounds=3", "resume=auto"]), run_dir)  # no checkpoint yet
+    assert len(outcome(run_dir)[1]) == 3
+    train(compose_config([*RUN, "resume=auto"]), run_dir)  # a requeued job: continues
+    assert_same(run_dir, reference)
+
+
 def test_checkpoints_from_before_added_keys_resume_while_the_keys_keep_neutral_values():
     from fedtorch.checkpoint import config_differences
 
