@@ -438,6 +438,17 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         raise ConfigError(
             "attack", f"label_flip needs a classification dataset; {data.name} is not one"
         )
+    if getattr(engine, "collective", "gather") == "allreduce":
+        server_steps = privacy.enabled or secure_agg.enabled or compression.enabled
+        server_steps = server_steps or attack.rewrites_updates
+        if not averages_plainly(strategy) or server_steps or adapter.aggregation == "exact":
+            raise ConfigError(
+                "aggregation.collective",
+                "allreduce sums updates on the ranks that trained them, so it needs a plain "
+                "weighted mean (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi) and no "
+                "per-update step on the server (privacy, secure aggregation, compression, "
+                "attacks, exact LoRA); use aggregation.collective=gather",
+            )
     logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
 
     settings = RunSettings(

@@ -21,6 +21,7 @@ from fedtorch.client import ClientTrainer
 from fedtorch.compression import Compression
 from fedtorch.compression.channel import ring_bytes
 from fedtorch.data.datasets import DataBundle
+from fedtorch.engines.distributed import SummedRound
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import (
     evaluate,
@@ -337,6 +338,8 @@ class Orchestrator:
                 lambda mean: self.strategy.server_step(self.global_vector, mean, round_idx),
             )
             steps.append(aggregator.client_step)
+        elif getattr(self.engine, "collective", "gather") == "allreduce":
+            aggregator = SummedRound(self.strategy, self.global_vector, round_idx)
         else:
             rows = RowStore(
                 len(tasks),

@@ -117,6 +117,7 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.shards,
             orchestrator.global_state,
             orchestrator.global_vector,
+            orchestrator.strategy,
         )
 
 

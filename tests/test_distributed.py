@@ -158,3 +158,42 @@ def test_resume_on_another_number_of_processes_ends_the_same(tmp_path, reference
     done = fedtorch_run(3, rest, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same(run_dir, references["scaffold"])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_allreduce_equals_one_process_within_float_tolerance(tmp_path, references, strategy):
+    run_dir = tmp_path / "run"
+    overrides = [*RUN, *STRATEGIES[strategy], "aggregation.collective=allreduce"]
+    done = fedtorch_run(3, [*overrides, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, rows = outcome(run_dir)
+    ref_model, ref_rows = outcome(references[strategy])
+    assert all(torch.allclose(model[k], ref_model[k], atol=1e-6) for k in ref_model)
+    assert [r["clients"] for r in rows] == [r["clients"] for r in ref_rows]
+    assert [r["test_accuracy"] for r in rows] == pytest.approx(
+        [r["test_accuracy"] for r in ref_rows], abs=0.005
+    )
+
+
+@pytest.fixture
+def one_rank_group():
+    """A world of one process (rank 0), so engine=distributed builds in this process."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "extra", [["strategy=krum"], ["compression=topk"], ["privacy=dp_central"], ["attack=sign_flip"]]
+)
+def test_allreduce_refuses_what_needs_every_update(tmp_path, one_rank_group, extra):
+    cfg = compose_config([*FAST, "engine=distributed", "aggregation.collective=allreduce", *extra])
+    with pytest.raises(ConfigError, match="^aggregation.collective: allreduce sums updates"):
+        build(cfg, tmp_path)

@@ -33,10 +33,10 @@ from fedtorch import distributed
 from fedtorch.client import ClientTrainer
 from fedtorch.distributed import DistributedError, isend_object, recv_object
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.pipeline import UpdateSink
+from fedtorch.pipeline.pipeline import UpdateSink, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
 
-COLLECTIVES = ("gather",)
+COLLECTIVES = ("gather", "allreduce")
 
 
 class DistributedEngine:
@@ -46,8 +46,9 @@ class DistributedEngine:
         inner: the engine each rank trains its chunks with.
         chunk_size: clients per chunk (contiguous in cohort order).
         timeout_s: seconds a rank waits for another before failing the run.
-        collective: how updates reach the aggregator: ``gather`` (to rank 0, in cohort
-            order).
+        collective: how updates reach the aggregator: ``gather`` (each one to rank 0, in
+            cohort order) or ``allreduce`` (each rank sums its clients' weighted updates in
+            float64 and the sums are added on rank 0; plain weighted means only).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class DistributedEngine:
                 "OVERRIDES, or torchrun --nproc_per_node=N -m fedtorch.train OVERRIDES",
             )
         self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
+        self.collective = collective
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # The default group (gloo, plus NCCL for CUDA tensors), made at start-up with this
         # timeout (torchrun's restarts do not survive extra groups made with new_group).
@@ -138,6 +140,8 @@ class DistributedEngine:
                 self._receive(owner, chunk, round_idx, buffer, sink)
         for work, _ in pending:
             work.wait()
+        if self.collective == "allreduce":
+            sink.aggregator.reduce()
 
     def _receive(
         self,
@@ -155,6 +159,9 @@ class DistributedEngine:
                     return
                 if kind == "failed":
                     sink.fail(payload)
+                    continue
+                if kind == "summed":
+                    sink.add_elsewhere(payload)
                     continue
                 dist.recv(buffer, owner)
                 sink.add(payload, buffer)
@@ -203,6 +210,7 @@ class DistributedEngine:
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
+        strategy: Any,
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
         them, send the updates; return when rank 0 says stop."""
@@ -226,23 +234,67 @@ class DistributedEngine:
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
                     f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
                 ) from None
-            forward = _Forward(self.group)
+            summed = SummedRound(strategy, global_vector, round_idx)
+            forward = _Forward(self.group, summed if self.collective == "allreduce" else None)
             for _, chunk in assigned:
                 self.inner.run(
                     trainer, chunk, shards, global_state, global_vector, round_idx, forward
                 )
                 forward.end_chunk()
             forward.wait()
+            if self.collective == "allreduce":
+                summed.reduce()
+
+
+class SummedRound:
+    """``aggregation.collective=allreduce``: one rank's sum of w_k * delta_k and of w_k over
+    the clients it trained, in float64 (w_k: the strategy's client weight); :meth:`reduce`
+    adds every rank's sums on rank 0, whose :meth:`finish` applies the strategy's server
+    step to the weighted mean. The sums group the clients by rank, so the result equals
+    the one-process run's to float rounding, not bit for bit."""
+
+    def __init__(self, strategy: Any, global_vector: torch.Tensor, round_idx: int) -> None:
+        self.strategy, self.global_vector, self.round_idx = strategy, global_vector, round_idx
+        self.total = torch.zeros(
+            global_vector.numel(), dtype=torch.float64, device=global_vector.device
+        )
+        self.weight = torch.zeros(1, dtype=torch.float64, device=global_vector.device)
+
+    def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        weight = float(self.strategy.client_weight(client))
+        self.total.add_(delta.to(torch.float64), alpha=weight)
+        self.weight += weight
+
+    def reduce(self) -> None:
+        """Every rank: add the sums into rank 0's."""
+        dist.reduce(self.total, 0)
+        dist.reduce(self.weight, 0)
+
+    def finish(self) -> torch.Tensor:
+        if not float(self.weight) > 0:
+            raise ValueError("aggregation weights must sum to a positive number")
+        mean = (self.total / self.weight).to(self.global_vector.dtype)
+        return self.strategy.server_step(self.global_vector, mean, self.round_idx)
 
 
 class _Forward:
-    """A worker's sink: each update (a copy) and failure goes to rank 0 without blocking."""
+    """A worker's sink: each update (a copy) and failure goes to rank 0 without blocking;
+    with ``summed``, updates are checked and added to this rank's sums instead, and only
+    the client's report goes to rank 0."""
 
-    def __init__(self, group: Any) -> None:
-        self.group = group
+    def __init__(self, group: Any, summed: SummedRound | None = None) -> None:
+        self.group, self.summed = group, summed
         self.pending: list[Any] = []
 
     def add(self, client: ClientResult, delta: torch.Tensor) -> None:
+        if self.summed is not None:
+            if all_finite(delta):
+                self.summed.add(client, delta)
+                self.pending += isend_object(("summed", client), 0, self.group)
+            else:
+                failure = ClientFailure(client.client_id, "update has NaN or Inf values")
+                self.pending += isend_object(("failed", failure), 0, self.group)
+            return
         self.pending += isend_object(("update", client), 0, self.group)
         copy = delta.detach().clone()
         self.pending.append((dist.isend(copy, 0, group=self.group), copy))

@@ -87,6 +87,11 @@ class UpdatePipeline:
         self.aggregator.add(client, update)
         self.clients.append(client)
 
+    def add_elsewhere(self, client: ClientResult) -> None:
+        """Record a client whose update was checked and summed by the process that trained
+        it (``aggregation.collective=allreduce``); its sum reaches the aggregator later."""
+        self.clients.append(client)
+
     def fail(self, failure: ClientFailure) -> None:
         """Record a client whose training failed before it produced an update."""
         self.failures.append(failure)
