@@ -221,3 +221,32 @@ def test_privacy_and_secure_aggregation_work_on_adapter_updates(tmp_path, plays)
     for key in orch.layout.keys("keep"):
         assert torch.equal(orch.global_state[key], before[key])
     assert not torch.equal(orch.global_vector, orch.layout.flatten(before))
+
+
+def test_compression_applies_to_the_adapter_updates_only(tmp_path, plays):
+    """Top-k with error feedback on LoRA: only the adapters travel, compressed; the frozen
+    base still goes down once per client, uncompressed."""
+    from fedtorch.compression import Compression
+
+    cfg = compose_config(
+        lora_run(
+            plays,
+            ["compression=topk", "compression.fraction=0.1", "compression.error_feedback=true"],
+        )
+    )
+    orch = build(cfg, tmp_path / "run")
+    before = {k: v.clone() for k, v in orch.global_state.items()}
+    adapter_keys = orch.layout.keys("mean")
+    base_keys = orch.layout.keys("keep")
+    summary = orch.run()
+    reference = Compression(kind="topk", fraction=0.1)
+    reference.bind(orch.layout, 1, None)
+    one = reference.compressor.encode(torch.randn(orch.layout.size)).nbytes
+    adapter_bytes = sum(before[k].numel() * 4 for k in adapter_keys)
+    base_bytes = sum(before[k].numel() * before[k].element_size() for k in base_keys)
+    assert summary["bytes_up"] == 2 * 4 * one
+    assert summary["bytes_down"] == 2 * 4 * adapter_bytes + 4 * base_bytes
+    assert summary["compression_ratio"] == pytest.approx(adapter_bytes / one)
+    assert orch.compression.residuals.state_dict()  # residuals of the clients that trained
+    for k in base_keys:
+        assert torch.equal(orch.global_state[k], before[k]), k
