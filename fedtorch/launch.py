@@ -47,9 +47,13 @@ def command(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import get_args_parser, run
 
-    run(get_args_parser().parse_args(command(sys.argv[1:])))
+    try:
+        run(get_args_parser().parse_args(command(sys.argv[1:])))
+    except SignalException as stop:  # SIGTERM / SIGINT: torchrun has stopped the ranks
+        sys.exit(128 + int(stop.sigval))
 
 
 if __name__ == "__main__":

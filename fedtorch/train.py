@@ -155,7 +155,10 @@ def main(cfg: DictConfig) -> float | None:
         if stop.path is not None:
             run_dir = stop.path.parent.parent
             kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume")]
-            command = " ".join(["python -m fedtorch.train", *kept, f"resume={run_dir}"])
+            launcher = "python -m fedtorch.train"
+            if distributed.launched():
+                launcher = f"fedtorch-run --nproc_per_node={distributed.world_size()} --"
+            command = " ".join([launcher, *kept, f"resume={run_dir}"])
             print(f"checkpoint: {stop.path}\nresume with: {command}", file=sys.stderr)
         sys.exit(130)
     return summary.get("best_accuracy")  # None on worker ranks

@@ -27,6 +27,7 @@ STRATEGIES = {
     "krum": ["strategy=krum", "strategy.num_byzantine=1"],
 }
 TIMING = ("round_time_s", "elapsed_s")
+SLOW = "tests.conftest.SlowEvalMLP"  # 0.3 s a round: room to signal mid-run
 
 
 def fedtorch_run(nproc: int, overrides: list[str], cwd: Path, *launcher: str, timeout=240):
@@ -197,3 +198,41 @@ def test_allreduce_refuses_what_needs_every_update(tmp_path, one_rank_group, ext
     cfg = compose_config([*FAST, "engine=distributed", "aggregation.collective=allreduce", *extra])
     with pytest.raises(ConfigError, match="^aggregation.collective: allreduce sums updates"):
         build(cfg, tmp_path)
+
+
+def test_sigterm_checkpoints_on_every_rank_and_prints_the_resume_command(tmp_path):
+    import signal
+
+    from tests.test_resume import wait_for_rows
+
+    overrides = [*RUN, "rounds=8", "checkpoint.every=100", "model._target_=" + SLOW]
+    reference = tmp_path / "reference"
+    done = run_cli([*overrides, f"hydra.run.dir={reference}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedtorch.launch",
+            "--nproc_per_node=2",
+            "--",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_rows(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun before killing it
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    line = next(x for x in stderr.splitlines() if x.startswith("resume with: "))
+    assert line.startswith("resume with: fedtorch-run --nproc_per_node=2 -- ")
+    args = line.removeprefix("resume with: fedtorch-run --nproc_per_node=2 -- ").split()
+    done = fedtorch_run(3, args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same(run_dir, reference)
