@@ -139,3 +139,28 @@ def recv_object(src: int, group: Any) -> Any:
 
 class DistributedError(FedtorchError):
     """A rank is gone or hung past ``distributed.timeout_s``."""
+
+
+_stop_requested = False
+
+
+def note_stop() -> None:
+    """Record that this process was told to stop (Ctrl-C or SIGTERM)."""
+    global _stop_requested
+    _stop_requested = True
+
+
+STOP_GRACE_S = 2.0
+
+
+def lost_peer(message: str) -> Exception:
+    """What to raise when a peer is gone: KeyboardInterrupt if this process was told to
+    stop too (the peers were stopped by the same signal: checkpoint and exit as on Ctrl-C),
+    else a :class:`DistributedError` with ``message``.
+
+    torchrun and schedulers signal the ranks one after another, so a peer stopped first
+    can vanish before this rank's own signal arrives: wait ``STOP_GRACE_S`` for it (the
+    signal interrupts the sleep) before calling the peer lost."""
+    if not _stop_requested:
+        time.sleep(STOP_GRACE_S)
+    return KeyboardInterrupt() if _stop_requested else DistributedError(message)

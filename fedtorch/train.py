@@ -64,11 +64,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         orchestrator.extra_summary["device"],
         run_dir,
     )
-    try:
-        summary = orchestrator.run()
-    finally:
-        if hasattr(orchestrator.engine, "close"):
-            orchestrator.engine.close()
+    summary = orchestrator.run()
+    # Only after a finished run: after an error or an interrupt the other ranks are ended
+    # by torchrun (or by the same signal), and waiting for them would hide the message.
+    if hasattr(orchestrator.engine, "close"):
+        orchestrator.engine.close()
     log.info(
         "done: final accuracy %.4f, best %.4f (round %s), %.1fs",
         _or_nan(summary["final_accuracy"]),
@@ -164,10 +164,17 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("best_accuracy")  # None on worker ranks
 
 
+def _ctrl_c(signum: int, frame: object) -> None:
+    """Ctrl-C: note it (a peer rank that vanishes now was stopped too) and interrupt."""
+    distributed.note_stop()
+    raise KeyboardInterrupt
+
+
 def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
     """SIGTERM (what schedulers and torchrun send before killing) acts like Ctrl-C: the
     SIGINT handler in force runs (deferred inside a round's critical section), or
     KeyboardInterrupt is raised."""
+    distributed.note_stop()
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
@@ -186,14 +193,31 @@ def cli() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _ctrl_c)
     if distributed.launched():
         sys.argv = [sys.argv[0], *distributed.start(sys.argv[1:])]
     try:
         main()
     except KeyboardInterrupt:  # a worker rank stopped by Ctrl-C / SIGTERM
-        sys.exit(130)
-    finally:
-        distributed.finish()
+        _leave(130)
+    except SystemExit as stop:
+        if distributed.launched() and stop.code not in (0, None):
+            _leave(stop.code if isinstance(stop.code, int) else 1)
+        raise
+    distributed.finish()
+
+
+def _leave(code: int) -> None:
+    """Exit now. Under torchrun, a rank that stops early must not wait for its peers: the
+    process group's teardown would wait for messages in flight to peers that are stopping
+    too. Exiting at once closes the connections, which is what the peers notice."""
+    if not distributed.launched():
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

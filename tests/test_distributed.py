@@ -230,7 +230,9 @@ def test_sigterm_checkpoints_on_every_rank_and_prints_the_resume_command(tmp_pat
     proc.send_signal(signal.SIGTERM)  # what a scheduler sends torchrun before killing it
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    line = next(x for x in stderr.splitlines() if x.startswith("resume with: "))
+    lines = [x for x in stderr.splitlines() if x.startswith("resume with: ")]
+    assert lines, stderr[-3000:]
+    line = lines[0]
     assert line.startswith("resume with: fedtorch-run --nproc_per_node=2 -- ")
     args = line.removeprefix("resume with: fedtorch-run --nproc_per_node=2 -- ").split()
     done = fedtorch_run(3, args, tmp_path)

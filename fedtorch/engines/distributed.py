@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from fedtorch import distributed
 from fedtorch.client import ClientTrainer
-from fedtorch.distributed import DistributedError, isend_object, recv_object
+from fedtorch.distributed import DistributedError, isend_object, lost_peer, recv_object
 from fedtorch.errors import ConfigError
 from fedtorch.pipeline.pipeline import UpdateSink, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
@@ -167,7 +167,7 @@ class DistributedEngine:
                 sink.add(payload, buffer)
         except RuntimeError as exc:
             clients = ", ".join(str(t.client_id) for t in chunk)
-            raise DistributedError(
+            raise lost_peer(
                 f"distributed: round {round_idx}: rank {owner} did not deliver the updates of "
                 f"clients {clients} within distributed.timeout_s={self.timeout_s:g} (hung or "
                 f"dead): {_first_line(exc)}"
@@ -182,7 +182,7 @@ class DistributedEngine:
                 group=self.group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
             )
         except RuntimeError as exc:
-            raise DistributedError(
+            raise lost_peer(
                 f"distributed: round {round_idx}: not every rank is there after "
                 f"distributed.timeout_s={self.timeout_s:g}: {_first_line(exc)}"
             ) from None
@@ -199,7 +199,7 @@ class DistributedEngine:
         """Tell the workers the run is over (rank 0, at the end or on an error)."""
         if self.rank == 0 and self.world > 1:
             # A worker already gone is left to torchrun, which ends the others.
-            with contextlib.suppress(RuntimeError, DistributedError):
+            with contextlib.suppress(RuntimeError, DistributedError, KeyboardInterrupt):
                 self._announce("stop", 0)
 
     # Workers -----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class DistributedEngine:
                 self._broadcast_weights(global_state, global_vector)
                 assigned = recv_object(0, self.group)
             except RuntimeError as exc:
-                raise DistributedError(
+                raise lost_peer(
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
                     f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
                 ) from None
