@@ -67,6 +67,12 @@ DESCRIPTIONS = {
     "C": "2NN, 1000 clients Dir(0.3), 100 a round, E=1, B=10, lr 0.05, 10 rounds",
 }
 ENGINES = ("reference", "sequential", "vectorized", "distributed", "flower")
+# Variants of engine=distributed that can be asked for with --engines.
+DISTRIBUTED = {
+    "distributed": [],
+    "distributed-allreduce": ["aggregation.collective=allreduce"],
+    "distributed-chunk10": ["engine.chunk_size=10"],
+}
 # engine=distributed: this many torchrun processes with one thread each (against one
 # process with --threads threads for the other engines).
 RANKS = 2
@@ -163,7 +169,7 @@ def run_engine(
     torchrun_dir = None
     if engine == "reference":
         cmd = [sys.executable, str(HERE / "reference.py"), str(spec)]
-    elif engine == "distributed":
+    elif engine in DISTRIBUTED:
         torchrun_dir = Path(tempfile.mkdtemp())
         env["OMP_NUM_THREADS"] = "1"
         cmd = [
@@ -174,6 +180,7 @@ def run_engine(
             "--",
             *WORKLOADS[workload],
             *extra,
+            *DISTRIBUTED[engine],
             "torch_threads=1",
             "checkpoint.every=0",
             f"hydra.run.dir={torchrun_dir}",
