@@ -10,7 +10,7 @@ they all derive from seed 0):
   a run at about 3 minutes here), 30 rounds.
 - ``shakespeare``: the character LSTM on Shakespeare's speakers (``+experiment=shakespeare``:
   10 clients a round, SGD lr 1, batch 4), 100 rounds, evaluated every 10, for a subset
-  of arms (a run costs about 10 minutes here).
+  of arms (a run costs about 15 minutes here, two side by side).
 
 Arms: ``none`` (float32), and each lossy compressor with its default options (fp16, bf16,
 int8 blocks of 256, QSGD s = 16 in buckets of 512, top-k 1%, rand-k 1%, scaled sign,
