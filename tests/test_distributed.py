@@ -3,7 +3,6 @@ whatever the world size, restarts after a crash, hung ranks, mismatched ranks.""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtorch import checkpoint
 from fedtorch.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.launch import command
 from tests.conftest import FAST, REPO, compose_config, run_cli
+from tests.test_resume import assert_same, outcome
 
 # Five clients all sampled: with chunks of one client, three ranks do not divide the cohort.
 RUN = [*FAST, "torch_threads=1", "checkpoint.every=1"]
@@ -26,7 +25,6 @@ STRATEGIES = {
     "scaffold": ["strategy=scaffold"],
     "krum": ["strategy=krum", "strategy.num_byzantine=1"],
 }
-TIMING = ("round_time_s", "elapsed_s")
 SLOW = "tests.conftest.SlowEvalMLP"  # 0.3 s a round: room to signal mid-run
 
 
@@ -48,19 +46,6 @@ def fedtorch_run(nproc: int, overrides: list[str], cwd: Path, *launcher: str, ti
         text=True,
         timeout=timeout,
     )
-
-
-def outcome(run_dir: Path) -> tuple[dict, list[dict]]:
-    model = checkpoint.load_state(run_dir / "model.pt")
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return model, [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def assert_same(run_dir: Path, reference: Path) -> None:
-    model, rows = outcome(run_dir)
-    ref_model, ref_rows = outcome(reference)
-    assert rows == ref_rows
-    assert all(torch.equal(model[k], ref_model[k]) for k in ref_model)
 
 
 @pytest.fixture(scope="module")
