@@ -158,7 +158,6 @@ ADDED_KEYS: dict[str, Any] = {
     "compression.error_feedback": False,
     "compression.downlink": "none",
     "aggregation.collective": "gather",
-    "distributed.timeout_s": 1800,
 }
 
 

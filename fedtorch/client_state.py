@@ -71,13 +71,28 @@ class ClientStateStore:
                 self._files[name] = fd
 
     @classmethod
+    def in_run_folder(
+        cls, run_dir: Path | None, name: str, num_clients: int, size: int, storage: str, key: str
+    ) -> ClientStateStore:
+        """A store of ``num_clients`` rows of ``size``, on disk under
+        ``run_dir/client_state/NAME.bin`` when ``storage`` is ``disk``; ``key`` is the
+        config key named in errors."""
+        path = Path(run_dir) / "client_state" / f"{name}.bin" if run_dir else None
+        return cls(num_clients, size, storage, path, key)
+
+    @classmethod
     def for_run(cls, context, storage: str, name: str) -> ClientStateStore:
         """A store of one [P] row per client of the run described by ``context`` (a
         :class:`~fedtorch.strategies.base.RunContext`), on disk under
         ``run_dir/client_state/NAME.bin`` when ``storage`` is ``disk``."""
-        run_dir = context.run_dir
-        path = run_dir / "client_state" / f"{name}.bin" if run_dir else None
-        return cls(context.num_clients, context.size, storage, path, "strategy.client_state")
+        return cls.in_run_folder(
+            context.run_dir,
+            name,
+            context.num_clients,
+            context.size,
+            storage,
+            "strategy.client_state",
+        )
 
     def get(self, client_id: int) -> torch.Tensor:
         """Client ``client_id``'s committed row [P] on the CPU (zeros if never written); a

@@ -50,12 +50,18 @@ def start(argv: list[str]) -> list[str]:
         _init_process_group(timedelta(seconds=_timeout_from(argv)))
     args = list(argv)
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
-        dist.broadcast_object_list(stamp, src=0)
-        args.append(f"hydra.run.dir=${{paths.output_dir}}/runs/{stamp[0]}")
+        override = [run_dir_override()]
+        dist.broadcast_object_list(override, src=0)
+        args.append(override[0])
     if rank() != 0:
         args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return args
+
+
+def run_dir_override() -> str:
+    """``hydra.run.dir=`` the folder Hydra's default would make now (configs/hydra), fixed
+    so that every rank, and every restarted rank, uses the same one."""
+    return f"hydra.run.dir=${{paths.output_dir}}/runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
 def _init_process_group(timeout: timedelta) -> None:
@@ -80,7 +86,8 @@ def _init_process_group(timeout: timedelta) -> None:
 
 def _timeout_from(argv: list[str]) -> float:
     """``distributed.timeout_s`` from the command line, before Hydra has composed (the
-    default otherwise); :func:`check_config` checks it against the composed value."""
+    default otherwise): the process group's timeout. :func:`check_config` validates the
+    composed value, which the engine's barriers use."""
     for arg in argv:
         if arg.startswith("distributed.timeout_s="):
             try:
@@ -118,22 +125,20 @@ def finish() -> None:
 # so a worker can go on training while rank 0 is busy with earlier clients.
 
 
-def isend_object(obj: Any, dst: int, group: Any) -> list[Any]:
-    """Start sending ``obj`` to rank ``dst``; returns the pending works (wait on them)."""
+def isend_object(obj: Any, dst: int) -> list[Any]:
+    """Start sending ``obj`` to rank ``dst``; returns (work, buffer) pairs: wait on each
+    work, and keep its buffer alive until then."""
     data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
     length = torch.tensor([data.numel()], dtype=torch.int64)
-    return [
-        (dist.isend(length, dst, group=group), length),
-        (dist.isend(data, dst, group=group), data),
-    ]
+    return [(dist.isend(length, dst), length), (dist.isend(data, dst), data)]
 
 
-def recv_object(src: int, group: Any) -> Any:
+def recv_object(src: int) -> Any:
     """The next object rank ``src`` sent with :func:`isend_object`."""
     length = torch.empty(1, dtype=torch.int64)
-    dist.recv(length, src, group=group)
+    dist.recv(length, src)
     data = torch.empty(int(length.item()), dtype=torch.uint8)
-    dist.recv(data, src, group=group)
+    dist.recv(data, src)
     return pickle.loads(data.numpy().tobytes())
 
 

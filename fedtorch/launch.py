@@ -14,7 +14,8 @@ restarts after a crash (``--max_restarts=N``) find the checkpoints of the run th
 from __future__ import annotations
 
 import sys
-import time
+
+from fedtorch.distributed import run_dir_override
 
 RENDEZVOUS = (
     "--nnodes",
@@ -41,8 +42,7 @@ def command(argv: list[str]) -> list[str]:
     if not any(o.startswith("engine=") for o in overrides):
         overrides = ["engine=distributed", *overrides]
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        overrides = [*overrides, f"hydra.run.dir=${{paths.output_dir}}/runs/{stamp}"]
+        overrides = [*overrides, run_dir_override()]
     return [*launcher, "--module", "fedtorch.train", *overrides]
 
 

@@ -19,7 +19,7 @@ from fedtorch.attacks import Attack
 from fedtorch.checkpoint import CheckpointSettings, Interrupted, deferred_interrupt
 from fedtorch.client import ClientTrainer
 from fedtorch.compression import Compression
-from fedtorch.compression.channel import ring_bytes
+from fedtorch.compression.bits import packed_bytes
 from fedtorch.data.datasets import DataBundle
 from fedtorch.engines.distributed import SummedRound
 from fedtorch.errors import ConfigError, DataError, FedtorchError
@@ -418,7 +418,7 @@ class Orchestrator:
             return self.compression.uplink_bytes(ids) + self.bytes_up_other * len(ids)
         if self.secure_agg.enabled:
             return (
-                ring_bytes(self.layout.size, self.secure_agg.bits) + self.bytes_up_other
+                packed_bytes(self.layout.size, self.secure_agg.bits) + self.bytes_up_other
             ) * clients
         return self.bytes_up_per_client * clients
 

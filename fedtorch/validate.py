@@ -132,8 +132,10 @@ def _check_finite(node: Any, prefix: str = "") -> None:
     such as ``lr > 0`` that it should not."""
     items = node.items() if isinstance(node, DictConfig) else enumerate(node)
     for key, value in items:
-        name = f"{prefix}.{key}" if prefix and isinstance(key, str) else f"{prefix}[{key}]"
-        name = name if prefix else str(key)
+        if not prefix:
+            name = str(key)
+        else:
+            name = f"{prefix}.{key}" if isinstance(key, str) else f"{prefix}[{key}]"
         if isinstance(value, (DictConfig, ListConfig)):
             _check_finite(value, name)
         elif isinstance(value, float) and not math.isfinite(value):

@@ -68,8 +68,7 @@ def run_one(workload: str, arm: str, threads: int, deadline: float | None) -> No
     out = RUNS / workload / arm
     if load_run(out) is not None:
         return
-    resume = ["resume=true"] if (out / "checkpoints").is_dir() else []
-    run_fedtorch([*WORKLOADS[workload], *ARMS[arm], *resume], out, threads, deadline)
+    run_fedtorch([*WORKLOADS[workload], *ARMS[arm], "resume=auto"], out, threads, deadline)
 
 
 def reach(rows: list[dict], target: float) -> tuple[int | None, int | None]:

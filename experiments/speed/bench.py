@@ -33,6 +33,9 @@ from fedtorch.build import build
 from fedtorch.sampling import sample_clients
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from common import replace_block  # noqa: E402
+
 COMMON = [
     "dataset=fashion_mnist",
     "data.download=false",
@@ -209,8 +212,10 @@ def run_engine(
             else f"exit {proc.returncode}"
         }
     process_s = time.perf_counter() - t0
-    result = _distributed_result(torchrun_dir, process_s) if torchrun_dir else None
-    result = result or json.loads(stdout.strip().splitlines()[-1])
+    if torchrun_dir is not None:
+        result = _distributed_result(torchrun_dir, process_s)
+    else:
+        result = json.loads(stdout.strip().splitlines()[-1])
     result["process_s"] = process_s
     result["median_round_s"] = statistics.median(result["round_times"])
     result.update(sampler.peaks_mb())
@@ -317,14 +322,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=2))
     table = render_table(report)
     print(table)
-    readme = HERE / "README.md"
-    start, end = f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->"
-    if readme.is_file() and start in readme.read_text():
-        text = readme.read_text()
-        head, rest = text.split(start, 1)
-        tail = rest.split(end, 1)[1]
-        readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
-        print(f"updated {readme}")
+    replace_block(HERE / "README.md", args.block, table)
 
 
 def render_table(report: dict) -> str:

@@ -36,7 +36,6 @@ Composition, as decided:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -203,12 +202,12 @@ class Compression:
         """Build the compressor for this model's layout and the residual store."""
         self.compressor = make_compressor(self.kind, self.options, layout)
         if self.error_feedback:
-            path = Path(run_dir) / "client_state" / "ef_residual.bin" if run_dir else None
-            self.residuals = ClientStateStore(
+            self.residuals = ClientStateStore.in_run_folder(
+                run_dir,
+                "ef_residual",
                 num_clients,
                 layout.size,
                 self.residual_storage,
-                path,
                 "compression.residual_storage",
             )
 
@@ -261,8 +260,3 @@ class Compression:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.residuals is not None:
             self.residuals.load_state_dict(state.get("residuals", {}))
-
-
-def ring_bytes(size: int, bits: int) -> int:
-    """Bytes of ``size`` masked values of ``bits`` bits each (secure aggregation)."""
-    return math.ceil(size * bits / 8)

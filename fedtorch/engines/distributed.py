@@ -29,11 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fedtorch import distributed
 from fedtorch.client import ClientTrainer
 from fedtorch.distributed import DistributedError, isend_object, lost_peer, recv_object
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.pipeline import UpdateSink, all_finite
+from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
 
 COLLECTIVES = ("gather", "allreduce")
@@ -72,12 +71,9 @@ class DistributedEngine:
             )
         self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
         self.collective = collective
+        # Everything goes over the default group (gloo, plus NCCL for CUDA tensors), made at
+        # start-up with the run's timeout (fedtorch.distributed.start).
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        # The default group (gloo, plus NCCL for CUDA tensors), made at start-up with this
-        # timeout (torchrun's restarts do not survive extra groups made with new_group).
-        self.group: Any = None
-        self.verbose = getattr(inner, "verbose", False)
-        self.ready = False
 
     def check(self, trainer: ClientTrainer) -> None:
         """Refuse what lives on the rank that trained a client, not on the server."""
@@ -117,7 +113,7 @@ class DistributedEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         round_idx: int,
-        sink: UpdateSink,
+        sink: UpdatePipeline,
     ) -> None:
         """Train ``tasks`` across the ranks; updates reach ``sink`` in cohort order."""
         chunks = self._chunks(tasks)
@@ -126,11 +122,11 @@ class DistributedEngine:
         pending = []
         for worker in range(1, self.world):
             mine = [
-                (i, [_portable(t) for t in chunk])
+                [_portable(t) for t in chunk]
                 for i, chunk in enumerate(chunks)
                 if i % self.world == worker
             ]
-            pending += isend_object(mine, worker, self.group)
+            pending += isend_object(mine, worker)
         buffer = torch.empty_like(global_vector)
         for i, chunk in enumerate(chunks):
             owner = i % self.world
@@ -149,12 +145,12 @@ class DistributedEngine:
         chunk: list[ClientTask],
         round_idx: int,
         buffer: torch.Tensor,
-        sink: UpdateSink,
+        sink: UpdatePipeline,
     ) -> None:
         """Feed one worker's chunk to ``sink``, message by message, until its end mark."""
         try:
             while True:
-                kind, payload = recv_object(owner, self.group)
+                kind, payload = recv_object(owner)
                 if kind == "end":
                     return
                 if kind == "failed":
@@ -175,28 +171,19 @@ class DistributedEngine:
 
     def _announce(self, kind: str, round_idx: int) -> None:
         """Rank 0: check every worker is there (gloo's monitored barrier names the ones
-        that are not), then tell them what comes next."""
-        self._started()
+        that are not; before round 1 this also bounds start-up), then tell them what comes
+        next."""
         try:
-            dist.monitored_barrier(
-                group=self.group, timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
-            )
+            dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True)
         except RuntimeError as exc:
             raise lost_peer(
                 f"distributed: round {round_idx}: not every rank is there after "
                 f"distributed.timeout_s={self.timeout_s:g}: {_first_line(exc)}"
             ) from None
-        dist.broadcast_object_list([(kind, round_idx)], src=0, group=self.group)
-
-    def _started(self) -> None:
-        """Wait, once, until every rank has built its run (loading data can take longer
-        than ``timeout_s`` on some ranks; the default group's timeout applies)."""
-        if not self.ready:
-            dist.barrier()
-            self.ready = True
+        dist.broadcast_object_list([(kind, round_idx)], src=0)
 
     def close(self) -> None:
-        """Tell the workers the run is over (rank 0, at the end or on an error)."""
+        """Tell the workers the run is over (rank 0, after the last round)."""
         if self.rank == 0 and self.world > 1:
             # A worker already gone is left to torchrun, which ends the others.
             with contextlib.suppress(RuntimeError, DistributedError, KeyboardInterrupt):
@@ -214,29 +201,26 @@ class DistributedEngine:
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
         them, send the updates; return when rank 0 says stop."""
-        self._started()
         while True:
             try:
                 dist.monitored_barrier(
-                    group=self.group,
-                    timeout=timedelta(seconds=self.timeout_s),
-                    wait_all_ranks=True,
+                    timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
                 )
                 message: list[Any] = [None]
-                dist.broadcast_object_list(message, src=0, group=self.group)
+                dist.broadcast_object_list(message, src=0)
                 kind, round_idx = message[0]
                 if kind == "stop":
                     return
                 self._broadcast_weights(global_state, global_vector)
-                assigned = recv_object(0, self.group)
+                chunks = recv_object(0)
             except RuntimeError as exc:
                 raise lost_peer(
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
                     f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
                 ) from None
             summed = SummedRound(strategy, global_vector, round_idx)
-            forward = _Forward(self.group, summed if self.collective == "allreduce" else None)
-            for _, chunk in assigned:
+            forward = _Forward(summed if self.collective == "allreduce" else None)
+            for chunk in chunks:
                 self.inner.run(
                     trainer, chunk, shards, global_state, global_vector, round_idx, forward
                 )
@@ -282,28 +266,28 @@ class _Forward:
     with ``summed``, updates are checked and added to this rank's sums instead, and only
     the client's report goes to rank 0."""
 
-    def __init__(self, group: Any, summed: SummedRound | None = None) -> None:
-        self.group, self.summed = group, summed
+    def __init__(self, summed: SummedRound | None = None) -> None:
+        self.summed = summed
         self.pending: list[Any] = []
 
     def add(self, client: ClientResult, delta: torch.Tensor) -> None:
         if self.summed is not None:
             if all_finite(delta):
                 self.summed.add(client, delta)
-                self.pending += isend_object(("summed", client), 0, self.group)
+                self.pending += isend_object(("summed", client), 0)
             else:
                 failure = ClientFailure(client.client_id, "update has NaN or Inf values")
-                self.pending += isend_object(("failed", failure), 0, self.group)
+                self.pending += isend_object(("failed", failure), 0)
             return
-        self.pending += isend_object(("update", client), 0, self.group)
+        self.pending += isend_object(("update", client), 0)
         copy = delta.detach().clone()
-        self.pending.append((dist.isend(copy, 0, group=self.group), copy))
+        self.pending.append((dist.isend(copy, 0), copy))
 
     def fail(self, failure: ClientFailure) -> None:
-        self.pending += isend_object(("failed", failure), 0, self.group)
+        self.pending += isend_object(("failed", failure), 0)
 
     def end_chunk(self) -> None:
-        self.pending += isend_object(("end", None), 0, self.group)
+        self.pending += isend_object(("end", None), 0)
 
     def wait(self) -> None:
         for work, _ in self.pending:
@@ -325,4 +309,4 @@ def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-__all__ = ["DistributedEngine", "distributed"]
+__all__ = ["DistributedEngine", "SummedRound"]

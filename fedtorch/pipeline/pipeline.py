@@ -2,7 +2,8 @@
 per-update steps into the round's aggregator.
 
     engine ─► pipeline.add(client, delta)
-                 check_finite ─► attack? ─► clip/noise or pre-weight? ─► mask?
+                 check_finite ─► attack? ─► compress and decode (+ residual)?
+                 ─► clip/noise or pre-weight? ─► mask?
                  ─► aggregator.add (running sums, or rows for rules that need them)
     orchestrator ─► pipeline.finish() ─► new global vector
 
