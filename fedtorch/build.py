@@ -23,7 +23,8 @@ from fedtorch import checkpoint, seeding
 from fedtorch.checkpoint import CheckpointSettings
 from fedtorch.client import ClientTrainer
 from fedtorch.data import partition as partition_lib
-from fedtorch.data.datasets import DataBundle, materialize
+from fedtorch.data.datasets import DataBundle, materialize, stream
+from fedtorch.data.loading import DatasetInputs
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.lora_exact import check_exact_strategy, lora_pairs
 from fedtorch.orchestrator import Orchestrator, RunSettings
@@ -121,10 +122,22 @@ def _accepted(target: str, names: tuple[str, ...], key: str = "model") -> set[st
     return {n for n in names if n in params}
 
 
+# Keys of `data` that say how the data is read, taken by the builder, not the loader.
+_READING_KEYS = {"in_memory": True, "num_workers": 0, "pin_memory": False}
+
+
 def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
-    loaded = _instantiate(cfg.data, "data")
+    spec = OmegaConf.to_container(cfg.data, resolve=True)
+    reading = {k: spec.pop(k, default) for k, default in _READING_KEYS.items()}
+    in_memory = reading["in_memory"]
+    if not isinstance(in_memory, bool):
+        raise ConfigError("data.in_memory", f"must be true or false, got {in_memory!r}")
+    kwargs = {}
+    if "in_memory" in _accepted(spec["_target_"], ("in_memory",), "data"):
+        kwargs["in_memory"] = in_memory
+    loaded = _instantiate(OmegaConf.create(spec), "data", **kwargs)
     if isinstance(loaded, tuple) and len(loaded) == 2:
-        loaded = materialize(*loaded)
+        loaded = materialize(*loaded) if in_memory else stream(*loaded)
     if not isinstance(loaded, DataBundle):
         raise ConfigError(
             "data._target_",
@@ -133,7 +146,29 @@ def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
         )
     if len(loaded.train_y) == 0 or len(loaded.test_y) == 0:
         raise DataError(f"{loaded.name}: the training or test set is empty")
+    _configure_reading(loaded, reading)
     return loaded.to(device)
+
+
+def _configure_reading(data: DataBundle, reading: dict[str, Any]) -> None:
+    """Apply ``data.num_workers``/``pin_memory`` to the DataLoader path, or refuse them (and
+    ``in_memory=false``) where the data is in memory."""
+    streamed = isinstance(data.train_x, DatasetInputs)
+    if not reading["in_memory"] and not streamed:
+        raise ConfigError(
+            "data.in_memory",
+            f"false needs data read sample by sample, but {data.name} loads its tensors at "
+            "once; give a loader that returns a (train, test) pair of Datasets",
+        )
+    if streamed:
+        for inputs in (data.train_x, data.test_x):
+            inputs.configure(reading["num_workers"], reading["pin_memory"])
+        return
+    for key, default in (("num_workers", 0), ("pin_memory", False)):
+        if reading[key] != default:
+            raise ConfigError(
+                f"data.{key}", "applies to the DataLoader path only; set data.in_memory=false"
+            )
 
 
 def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
@@ -302,6 +337,18 @@ def _run_context(
     )
 
 
+def _setup_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """The metrics logger; its trackers (``logger.trackers.*``) check their options and
+    import their packages here, before training. A logger that takes ``config`` gets the
+    resolved config (for the trackers' params and hparams), passed by a plain call: Hydra
+    would instantiate every ``_target_`` in it."""
+    make = _instantiate(cfg.logger, "logger", _partial_=True)
+    extra = {}
+    if "config" in _accepted(cfg.logger._target_, ("config",), "logger"):
+        extra["config"] = OmegaConf.to_container(cfg, resolve=True)
+    return make(run_dir=run_dir, rounds=cfg.rounds, **extra)
+
+
 def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
     """``(run folder, checkpoint file)`` named by ``resume=PATH``; ``(None, None)`` for
     ``resume=false``, ``true`` or ``auto`` (the current run folder)."""
@@ -449,7 +496,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
                 "per-update step on the server (privacy, secure aggregation, compression, "
                 "attacks, exact LoRA); use aggregation.collective=gather",
             )
-    logger = _instantiate(cfg.logger, "logger", run_dir=run_dir, rounds=cfg.rounds)
+    logger = _setup_logger(cfg, run_dir)
 
     settings = RunSettings(
         rounds=cfg.rounds,

@@ -70,6 +70,8 @@ FORMAT = 1
 # rounding).
 RESUME_IGNORED = (
     "resume",
+    "data.num_workers",
+    "data.pin_memory",
     "distributed",
     "resume_force",
     "checkpoint",
@@ -158,6 +160,8 @@ ADDED_KEYS: dict[str, Any] = {
     "compression.error_feedback": False,
     "compression.downlink": "none",
     "aggregation.collective": "gather",
+    "data.in_memory": True,
+    "data.augment": False,
 }
 
 

@@ -2,18 +2,21 @@
 
 One :class:`ClientTrainer` (one model instance, on the training device) serves every
 client: for each client it loads the global weights, trains on the client's index slice of
-the in-memory dataset, and returns the delta. No per-client model copies, no DataLoader.
+the dataset, and returns the delta. No per-client model copies. The dataset is in memory
+(batches are tensor slices) or, with ``data.in_memory=false``, read through a DataLoader
+(:mod:`fedtorch.data.loading`) that draws the same batches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedtorch import seeding
+from fedtorch.data.loading import DatasetInputs, in_order
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientError, ClientResult, ClientTask, resolve
 from fedtorch.state import StateLayout
@@ -28,7 +31,8 @@ class ClientTrainer:
     Args:
         model: the reusable model instance (already on the training device).
         layout: the state layout (which keys are exchanged and how).
-        train_x: all training inputs [N, ...] on the training device.
+        train_x: all training inputs [N, ...] on the training device, or a
+            :class:`DatasetInputs` that reads them through a DataLoader.
         train_y: all training labels [N] on the training device.
         optimizer: ``params -> Optimizer`` (a ``_partial_`` optimizer from the config).
             One instance serves all clients; its state (momentum, Adam moments) is cleared
@@ -62,7 +66,7 @@ class ClientTrainer:
         self,
         model: nn.Module,
         layout: StateLayout,
-        train_x: torch.Tensor,
+        train_x: torch.Tensor | DatasetInputs,
         train_y: torch.Tensor,
         optimizer: OptimizerFactory,
         epochs: int = 1,
@@ -154,6 +158,25 @@ class ClientTrainer:
         sizes = ([width] * (per_epoch - 1) + [n - (per_epoch - 1) * width]) * epochs
         return padded.view(epochs * per_epoch, width)[:total], sizes[:total]
 
+    def minibatches(
+        self, batches: torch.Tensor, sizes: Sequence[int], client_id: int, round_idx: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """``(x, y, size)`` for each step of a :meth:`schedule`: tensor slices in memory, or
+        the same rows read through the DataLoader, whose random transforms are seeded by
+        (seed, round, client, step)."""
+        if not isinstance(self.train_x, DatasetInputs):
+            for row, size in zip(batches, sizes):
+                batch = row[:size]
+                yield self.train_x[batch], self.train_y[batch], size
+            return
+        rows = [row[:size].cpu() for row, size in zip(batches, sizes)]
+        seeds = [
+            seeding.derive_seed(self.seed, seeding.AUGMENTATION, round_idx, client_id, step)
+            for step in range(len(rows))
+        ]
+        for (x, y), size in zip(self.train_x.batches(rows, seeds), sizes):
+            yield x, y, size
+
     def client_size(self, indices: torch.Tensor) -> int:
         """The client's size in the task's unit (samples, or tokens): its FedAvg weight."""
         if isinstance(self.task, Classification):
@@ -167,11 +190,8 @@ class ClientTrainer:
         count = torch.zeros((), device=self.device)
         model.eval()
         with torch.inference_mode():
-            for start in range(0, len(indices), batch_size):
-                batch = indices[start : start + batch_size].to(self.device)
-                loss, n, _, _ = self.task.per_sample(
-                    model(self.train_x[batch]), self.train_y[batch]
-                )
+            for x, y in in_order(self.train_x, self.train_y, batch_size, indices):
+                loss, n, _, _ = self.task.per_sample(model(x), y)
                 total += loss.sum()
                 count += n.sum()
         return float(total) / max(float(count), 1.0)
@@ -281,9 +301,7 @@ class ClientTrainer:
         # no extra kernels in the loop; they are reduced once at the end.
         losses, counts, hits, predicted = [], [], [], []
         batches, sizes = self.schedule(client_id, indices.to(self.device), round_idx, task.steps)
-        for step, (row, size) in enumerate(zip(batches, sizes)):
-            batch = row[:size]
-            x, y = self.train_x[batch], self.train_y[batch]
+        for step, (x, y, size) in enumerate(self.minibatches(batches, sizes, client_id, round_idx)):
             if task.flip_labels:
                 y = self.num_classes - 1 - y
             if self.grad_accum_steps == 1 and self.autocast_dtype is None:

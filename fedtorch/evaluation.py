@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedtorch.data.loading import DatasetInputs, in_order
 from fedtorch.tasks import Classification, Task
 
 
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | DatasetInputs,
     y: torch.Tensor,
     batch_size: int = 2048,
     task: Task | None = None,
@@ -27,18 +28,20 @@ def evaluate(
 @torch.inference_mode()
 def evaluation_totals(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | DatasetInputs,
     y: torch.Tensor,
     batch_size: int = 2048,
     task: Task | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed loss, loss count, hits and predictions of ``model`` on ``(x, y)`` (float64
-    [4]), so that evaluations of several models on several parts can be pooled."""
+    [4]), so that evaluations of several models on several parts can be pooled. ``rows``
+    restricts the evaluation to those rows."""
     task = task or Classification()
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=x.device)
-    for start in range(0, len(x), batch_size):
-        stats = task.per_sample(model(x[start : start + batch_size]), y[start : start + batch_size])
+    for xb, yb in in_order(x, y, batch_size, rows):
+        stats = task.per_sample(model(xb), yb)
         totals += torch.stack([s.sum(dtype=torch.float64) for s in stats])
     return totals
 
@@ -46,7 +49,7 @@ def evaluation_totals(
 @torch.inference_mode()
 def per_client_accuracy(
     model: nn.Module,
-    x: torch.Tensor,
+    x: torch.Tensor | DatasetInputs,
     y: torch.Tensor,
     owner: torch.Tensor,
     num_clients: int,
@@ -62,12 +65,12 @@ def per_client_accuracy(
     model.eval()
     correct = torch.empty(len(x), device=x.device)
     predicted = torch.empty(len(x), device=x.device)
-    for start in range(0, len(x), batch_size):
-        _, _, hits, total = task.per_sample(
-            model(x[start : start + batch_size]), y[start : start + batch_size]
-        )
-        correct[start : start + batch_size] = hits
-        predicted[start : start + batch_size] = total
+    start = 0
+    for xb, yb in in_order(x, y, batch_size):
+        _, _, hits, total = task.per_sample(model(xb), yb)
+        correct[start : start + len(yb)] = hits
+        predicted[start : start + len(yb)] = total
+        start += len(yb)
     held = owner >= 0
     hits = torch.bincount(owner[held], weights=correct[held], minlength=num_clients)
     sizes = torch.bincount(owner[held], weights=predicted[held], minlength=num_clients)

@@ -587,9 +587,8 @@ class Orchestrator:
             own = self.trainer.local_state.get(client)
             if own is not None:
                 self.model.load_state_dict(own, strict=False)
-            rows = rows.to(data.test_x.device)
             totals += evaluation_totals(
-                self.model, data.test_x[rows], data.test_y[rows], s.eval_batch_size, data.task
+                self.model, data.test_x, data.test_y, s.eval_batch_size, data.task, rows
             )
         self.model.load_state_dict(self.global_state)
         return _pooled(totals, "local_test")

@@ -24,6 +24,7 @@ ATTACK = 7
 PRIVACY = 8
 SECAGG = 9
 COMPRESSION = 10
+AUGMENTATION = 11
 
 
 def derive_seed(seed: int, *path: int) -> int:

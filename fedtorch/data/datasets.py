@@ -1,12 +1,15 @@
-"""Datasets, loaded once into memory as tensors.
+"""Datasets, loaded once into memory as tensors, or read sample by sample.
 
 Every loader returns a :class:`DataBundle`: float inputs already normalised, integer labels,
-the class count and the input shape. Training then slices these tensors by index; there is
-no per-sample decoding or PIL conversion during training.
+the class count and the input shape. By default training slices these tensors by index;
+there is no per-sample decoding or PIL conversion during training. With
+``data.in_memory=false`` the built-in image loaders return their inputs as a
+:class:`~fedtorch.data.loading.DatasetInputs` instead: a map-style dataset that converts (and,
+for CIFAR-10 with ``augment``, augments) each sample when a DataLoader reads it.
 
 A plug-in dataset is any callable (``data._target_=pkg.fn``) returning a ``DataBundle``, or a
-``(train, test)`` pair of ``torch.utils.data.Dataset`` objects yielding ``(x, y)``, which is
-materialised into tensors once.
+``(train, test)`` pair of ``torch.utils.data.Dataset`` objects yielding ``(x, y)``: that pair
+is materialised into tensors once, or with ``data.in_memory=false`` read through DataLoaders.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 
 from fedtorch import seeding
 from fedtorch.data.idx import read_idx
-from fedtorch.errors import DataError
+from fedtorch.data.loading import DatasetInputs, labels_of
+from fedtorch.errors import ConfigError, DataError
 from fedtorch.tasks import Classification, Task
 
 
@@ -31,10 +35,11 @@ class DataBundle:
 
     Attributes:
         train_x: inputs, shape [N_train, *input_shape]: float32 images, or int64 token ids
-            [N_train, T] for a language model.
+            [N_train, T] for a language model; or a :class:`DatasetInputs` reading them
+            through a DataLoader (``data.in_memory=false``).
         train_y: labels [N_train] int64 in [0, num_classes), or next-token targets
             [N_train, T].
-        test_x: inputs, shape [N_test, *input_shape].
+        test_x: inputs, shape [N_test, *input_shape] (or a :class:`DatasetInputs`).
         test_y: labels or targets for ``test_x``.
         num_classes: number of classes (the vocabulary size for a language model).
         name: short name used in logs.
@@ -48,9 +53,9 @@ class DataBundle:
         stats: statistics of the dataset, written to the run folder as ``dataset.json``.
     """
 
-    train_x: torch.Tensor
+    train_x: torch.Tensor | DatasetInputs
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | DatasetInputs
     test_y: torch.Tensor
     num_classes: int
     name: str = "custom"
@@ -78,6 +83,65 @@ class DataBundle:
     def labels_for_partition(self) -> torch.Tensor:
         """One class per training row, for the label-based partitioners."""
         return self.partition_labels if self.partition_labels is not None else self.train_y
+
+
+class ImageArrayDataset(torch.utils.data.Dataset):
+    """uint8 images [N, C, H, W] converted one at a time, as a DataLoader reads them.
+
+    The conversion is the in-memory path's (scale to [0, 1], subtract ``mean``, divide by
+    ``std``, per channel), so without ``augment`` both paths see the same numbers.
+    ``augment`` (a transform on the uint8 image, e.g. a random crop) runs first.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        augment: Any = None,
+    ) -> None:
+        self.images = images
+        self.targets = labels
+        channels = images.shape[1]
+        self.mean = None if mean is None else torch.tensor(mean).view(channels, 1, 1)
+        self.std = None if std is None else torch.tensor(std).view(channels, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        x = image.to(torch.float32).div_(255.0)
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x, self.targets[index]
+
+
+def _streamed(
+    train: ImageArrayDataset, test: ImageArrayDataset, num_classes: int, name: str
+) -> DataBundle:
+    return DataBundle(
+        DatasetInputs(train), train.targets, DatasetInputs(test), test.targets, num_classes, name
+    )
+
+
+def stream(train: torch.utils.data.Dataset, test: torch.utils.data.Dataset) -> DataBundle:
+    """A ``(train, test)`` pair of map-style datasets read through DataLoaders: only their
+    labels are loaded now (``targets`` when the datasets have them, else one pass)."""
+    train_y, test_y = labels_of(train), labels_of(test)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    return DataBundle(
+        DatasetInputs(train),
+        train_y,
+        DatasetInputs(test),
+        test_y,
+        num_classes,
+        type(train).__name__,
+    )
 
 
 # ---------------------------------------------------------------------------- MNIST family
@@ -132,6 +196,7 @@ def _load_idx_dataset(
     mean: float,
     std: float,
     normalize: bool,
+    in_memory: bool = True,
 ) -> DataBundle:
     root_path = Path(root).expanduser()
     dirs = _candidate_dirs(root_path, torchvision_name)
@@ -156,6 +221,16 @@ def _load_idx_dataset(
                 f"got {tuple(x.shape)} and {tuple(y.shape)}"
             )
 
+    if not in_memory:
+        stats = ([mean], [std]) if normalize else (None, None)
+        train, test = (
+            ImageArrayDataset(
+                tensors[f"{split}_x"].unsqueeze(1), tensors[f"{split}_y"].long(), *stats
+            )
+            for split in ("train", "test")
+        )
+        return _streamed(train, test, 10, name)
+
     def images(t: torch.Tensor) -> torch.Tensor:
         x = t.to(torch.float32).div_(255.0).unsqueeze(1)
         return x.sub_(mean).div_(std) if normalize else x
@@ -175,10 +250,14 @@ def mnist(
     download: bool = True,
     search_paths: Sequence[str] = ("/usr/share/datasets/mnist",),
     normalize: bool = True,
+    in_memory: bool = True,
 ) -> DataBundle:
-    """MNIST (LeCun et al. 1998): 60k/10k grey 28x28 digits, normalised to mean 0, std 1."""
+    """MNIST (LeCun et al. 1998): 60k/10k grey 28x28 digits, normalised to mean 0, std 1.
+
+    ``in_memory=False`` converts each image when a DataLoader reads it (same numbers).
+    """
     return _load_idx_dataset(
-        "mnist", "MNIST", root, download, search_paths, 0.1307, 0.3081, normalize
+        "mnist", "MNIST", root, download, search_paths, 0.1307, 0.3081, normalize, in_memory
     )
 
 
@@ -187,10 +266,22 @@ def fashion_mnist(
     download: bool = True,
     search_paths: Sequence[str] = ("/usr/share/datasets/fashion-mnist",),
     normalize: bool = True,
+    in_memory: bool = True,
 ) -> DataBundle:
-    """Fashion-MNIST (Xiao et al. 2017): 60k/10k grey 28x28 clothing images, 10 classes."""
+    """Fashion-MNIST (Xiao et al. 2017): 60k/10k grey 28x28 clothing images, 10 classes.
+
+    ``in_memory=False`` converts each image when a DataLoader reads it (same numbers).
+    """
     return _load_idx_dataset(
-        "fashion_mnist", "FashionMNIST", root, download, search_paths, 0.2860, 0.3530, normalize
+        "fashion_mnist",
+        "FashionMNIST",
+        root,
+        download,
+        search_paths,
+        0.2860,
+        0.3530,
+        normalize,
+        in_memory,
     )
 
 
@@ -210,11 +301,25 @@ def _read_cifar_batches(folder: Path, names: Sequence[str]) -> tuple[torch.Tenso
     return torch.cat(xs), torch.cat(ys).long()
 
 
-def cifar10(root: str = "data", download: bool = True, normalize: bool = True) -> DataBundle:
+def cifar10(
+    root: str = "data",
+    download: bool = True,
+    normalize: bool = True,
+    in_memory: bool = True,
+    augment: bool = False,
+) -> DataBundle:
     """CIFAR-10 (Krizhevsky 2009): 50k/10k colour 32x32 images, torchvision's folder layout.
 
     Reads ``ROOT/cifar-10-batches-py`` (the python pickles torchvision downloads).
+    ``augment`` applies the standard training augmentation (He et al. 2016): a random
+    32x32 crop of the image padded by 4 pixels, then a random horizontal flip; it runs per
+    sample as the DataLoader reads it, so it needs ``in_memory=False``.
     """
+    if augment and in_memory:
+        raise ConfigError(
+            "data.augment",
+            "true needs data.in_memory=false (the crop and flip run per sample in the DataLoader)",
+        )
     root_path = Path(root).expanduser()
     folder = root_path / "cifar-10-batches-py"
     train_names = [f"data_batch_{i}" for i in range(1, 6)]
@@ -228,6 +333,11 @@ def cifar10(root: str = "data", download: bool = True, normalize: bool = True) -
         )
     train_x, train_y = _read_cifar_batches(folder, train_names)
     test_x, test_y = _read_cifar_batches(folder, ["test_batch"])
+    if not in_memory:
+        stats = (_CIFAR_MEAN, _CIFAR_STD) if normalize else (None, None)
+        crop_and_flip = _crop_and_flip() if augment else None
+        train = ImageArrayDataset(train_x, train_y, *stats, augment=crop_and_flip)
+        return _streamed(train, ImageArrayDataset(test_x, test_y, *stats), 10, "cifar10")
     mean = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
 
@@ -236,6 +346,12 @@ def cifar10(root: str = "data", download: bool = True, normalize: bool = True) -
         return (x - mean) / std if normalize else x
 
     return DataBundle(images(train_x), train_y, images(test_x), test_y, 10, "cifar10")
+
+
+def _crop_and_flip() -> Any:
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
 
 
 # ---------------------------------------------------------------------------- synthetic
@@ -248,11 +364,13 @@ def synthetic(
     input_shape: Sequence[int] = (1, 8, 8),
     noise: float = 1.0,
     seed: int = 0,
+    in_memory: bool = True,
 ) -> DataBundle:
     """A learnable Gaussian-mixture task: class ``k`` has a random mean, inputs add noise.
 
     With the defaults a small MLP reaches high accuracy in a few rounds, which makes it the
     dataset of choice for tests and smoke runs. ``seed`` fixes the task itself (not the run).
+    ``in_memory=False`` reads the same tensors through DataLoaders (to try that path).
     """
     gen = seeding.generator(seed, seeding.DATASET)
     shape = tuple(int(s) for s in input_shape)
@@ -266,6 +384,10 @@ def synthetic(
 
     train_x, train_y = sample(num_train)
     test_x, test_y = sample(num_test)
+    if not in_memory:
+        train = torch.utils.data.TensorDataset(train_x, train_y)
+        test = torch.utils.data.TensorDataset(test_x, test_y)
+        train_x, test_x = DatasetInputs(train), DatasetInputs(test)
     return DataBundle(train_x, train_y, test_x, test_y, num_classes, "synthetic")
 
 

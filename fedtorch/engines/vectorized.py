@@ -115,6 +115,12 @@ class VectorizedEngine:
         if self._checked:
             return
         check_vectorizable(trainer.model)
+        if not isinstance(trainer.train_x, torch.Tensor):
+            raise ConfigError(
+                "engine",
+                "engine=vectorized stacks clients' batches from tensors in memory; use "
+                "engine=sequential with data.in_memory=false",
+            )
         if getattr(trainer, "per_sample_clipping", False):
             raise ConfigError("engine", "client=dpsgd needs engine=sequential")
         if trainer.precision != "32" or trainer.grad_accum_steps != 1:
