@@ -1,15 +1,22 @@
-"""Metric sinks: per-round rows to CSV and JSONL, the progress bar, and the plot."""
+"""Metric sinks: per-round rows to CSV and JSONL, the progress bar, the plot, and
+experiment trackers (TensorBoard, MLflow, W&B: :mod:`fedtorch.trackers`)."""
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from fedtorch.errors import ConfigError
+from fedtorch.trackers import Tracker
+
+log = logging.getLogger("fedtorch")
 
 # Columns of metrics.csv, in order; a row may leave some empty (no evaluation that round).
 BASE_COLUMNS = (
@@ -41,7 +48,8 @@ BASE_COLUMNS = (
 
 class MetricsLogger:
     """Writes one row per round to ``metrics.csv`` and ``metrics.jsonl`` in ``run_dir``,
-    shows a tqdm bar over rounds, and draws ``metrics.png`` at the end.
+    shows a tqdm bar over rounds, draws ``metrics.png`` at the end, and feeds the same rows
+    to each experiment tracker of ``trackers``.
 
     Args:
         run_dir: the run's output folder.
@@ -50,6 +58,12 @@ class MetricsLogger:
         jsonl: write ``metrics.jsonl``.
         plot: draw ``metrics.png`` (accuracy and loss by round) when closed.
         progress: show the progress bar.
+        trackers: experiment trackers by name (``logger.trackers.NAME``, each built by
+            Hydra from its ``_target_``); they open their runs when the first round starts.
+        config: the resolved config, handed to the trackers (params, hparams).
+
+    Raises:
+        ConfigError: an entry of ``trackers`` is not a tracker (it has no ``_target_``).
     """
 
     def __init__(
@@ -60,7 +74,19 @@ class MetricsLogger:
         jsonl: bool = True,
         plot: bool = True,
         progress: bool = True,
+        trackers: Mapping[str, Tracker] | None = None,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
+        for name, tracker in (trackers or {}).items():
+            if not all(callable(getattr(tracker, m, None)) for m in ("start", "log", "finish")):
+                raise ConfigError(
+                    f"logger.trackers.{name}",
+                    "needs a _target_ naming a tracker class (start, log, finish), such as "
+                    "fedtorch.trackers.TensorBoardTracker",
+                )
+        self.trackers = dict(trackers or {})
+        self.config = dict(config or {})
+        self._trackers_started = False
         self.run_dir = Path(run_dir)
         self.plot = plot
         self.history: list[dict[str, Any]] = []
@@ -74,8 +100,13 @@ class MetricsLogger:
         self._bar: tqdm | None = None
 
     def start(self) -> None:
-        """Show the progress bar (called when the first round starts)."""
-        if self._bar is None:
+        """Show the progress bar and open the trackers' runs (called when the first round
+        starts, after :meth:`restore`)."""
+        if not self._trackers_started:
+            self._trackers_started = True
+            for tracker in self.trackers.values():
+                tracker.start(self.run_dir, self.config, self.history)
+        if self._bar is None:  # after the trackers, whose start-up is not a round's time
             self._bar = tqdm(desc="rounds", unit="round", dynamic_ncols=True, **self._bar_args)
 
     def restore(self, history: Sequence[Mapping[str, Any]]) -> None:
@@ -103,6 +134,9 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
+        self.start()
+        for tracker in self.trackers.values():
+            tracker.log(row)
         postfix = {}
         last_eval = next(
             (h for h in reversed(self.history) if h.get("test_accuracy") is not None), None
@@ -112,12 +146,17 @@ class MetricsLogger:
             postfix["loss"] = f"{last_eval['test_loss']:.4f}"
         if row.get("train_loss") is not None:
             postfix["train_loss"] = f"{row['train_loss']:.4f}"
-        self.start()
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
 
-    def close(self) -> None:
-        """Close files and the bar; draw the plot if asked."""
+    def close(self, summary: Mapping[str, Any] | None = None, status: str = "finished") -> None:
+        """Close files and the bar, draw the plot if asked, then close the trackers' runs.
+
+        Args:
+            summary: the run's ``summary.json`` content, after a finished run (the
+                trackers record it and upload the run's files); None otherwise.
+            status: how the run ended: finished | failed | interrupted.
+        """
         if self._bar is not None:
             self._bar.close()
         for fh in (self._csv_file, self._jsonl):
@@ -125,6 +164,15 @@ class MetricsLogger:
                 fh.close()
         if self.plot and self.history:
             plot_history(self.history, self.run_dir / "metrics.png")
+        for name, tracker in self.trackers.items():
+            # The run's results are on disk already: a tracker that fails to close (a
+            # server gone away) is reported, and the others still close.
+            try:
+                tracker.finish(summary, self.run_dir, status)
+            except Exception as exc:
+                log.warning(
+                    "logger.trackers.%s: closing failed: %s: %s", name, type(exc).__name__, exc
+                )
 
 
 def _csv_writer(fh) -> csv.DictWriter:

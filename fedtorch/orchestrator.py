@@ -190,9 +190,25 @@ class Orchestrator:
     def run(self) -> dict[str, Any]:
         """Train for all rounds (or until the target); return the summary (also written).
 
+        The logger is closed last, with the summary after a finished run (its trackers
+        then record it and upload ``model.pt``, ``metrics.png``, ...), or with the status
+        ``interrupted`` or ``failed`` when the run stops on an exception.
+
         Raises:
             Interrupted: on Ctrl-C, after saving a checkpoint of the last finished round.
         """
+        try:
+            summary = self._run()
+        except (Interrupted, KeyboardInterrupt):
+            self.logger.close(status="interrupted")
+            raise
+        except BaseException:
+            self.logger.close(status="failed")
+            raise
+        self.logger.close(summary)
+        return summary
+
+    def _run(self) -> dict[str, Any]:
         s = self.settings
         progress = self._resume() if self.checkpointing.resume else Progress()
         start = time.perf_counter() - progress.elapsed_s
@@ -233,8 +249,6 @@ class Orchestrator:
         except KeyboardInterrupt:
             path = self._save_checkpoint(progress) if progress.round else None
             raise Interrupted(progress.round, path) from None
-        finally:
-            self.logger.close()
         if self.checkpointing.every and not self._checkpoint_due(progress.round):
             self._save_checkpoint(progress)
         self._save_model()
