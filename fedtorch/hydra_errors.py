@@ -1,11 +1,14 @@
 """One-line errors for mistakes Hydra itself catches (unknown option or key, bad override
-syntax, an output folder that cannot be created).
+syntax, an output folder that cannot be created, a sweeper or launcher whose plugin is
+not installed).
 
 Hydra reports these with several lines and a hint about HYDRA_FULL_ERROR. Before handing
 the command line to Hydra, :func:`precheck` composes the config the same way and turns
-those failures into :class:`~fedtorch.errors.ConfigError` lines naming the key. Command
-lines it does not model (``--multirun``, ``--cfg``, ``--config-dir``, ...) go to Hydra
-unchecked, and any failure it does not recognise is left for Hydra to report.
+those failures into :class:`~fedtorch.errors.ConfigError` lines naming the key. With
+``-m``/``--multirun`` it composes the overrides that are not sweeps (``seed=0,1`` and
+Optuna's ``interval(...)`` are left out). Command lines it does not model (``--cfg``,
+``--config-dir``, ...) go to Hydra unchecked, and any failure it does not recognise is
+left for Hydra to report.
 """
 
 from __future__ import annotations
@@ -16,25 +19,41 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     ConfigCompositionException,
     MissingConfigException,
     OverrideParseException,
 )
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from fedtorch.errors import ConfigError
 
 _MISSING_OPTION = re.compile(r"Could not find '([^']+)/([^']+)'")
 _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
+_MULTIRUN = ("-m", "--multirun")
+# Groups whose options come from Hydra plugins, installed with fedtorch's `sweep` extra.
+_PLUGIN_GROUPS = ("hydra/sweeper", "hydra/launcher")
+_PLUGIN_HINT = 'Optuna sweeper, joblib and submitit launchers: pip install "fedtorch[sweep]"'
 
 
 def precheck(argv: Sequence[str]) -> None:
-    """Raise ConfigError if Hydra would reject ``argv`` (overrides of a single run)."""
-    if any(arg.startswith("-") for arg in argv):
+    """Raise ConfigError if Hydra would reject ``argv`` (overrides of a single run, or
+    the fixed overrides of a multirun)."""
+    multirun = any(arg in _MULTIRUN for arg in argv)
+    overrides = [arg for arg in argv if arg not in _MULTIRUN]
+    if any(arg.startswith("-") for arg in overrides):
         return
+    if multirun:
+        try:
+            parsed = OverridesParser.create().parse_overrides(overrides)
+        except OverrideParseException:
+            return  # Hydra's own message names the bad override
+        overrides = [arg for arg, o in zip(overrides, parsed) if not o.is_sweep_override()]
     try:
         with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):
-            cfg = compose(config_name="train", overrides=list(argv), return_hydra_config=True)
+            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as exc:
         raise _missing_option(exc) from exc
     except OverrideParseException as exc:
@@ -44,10 +63,11 @@ def precheck(argv: Sequence[str]) -> None:
         raise _composition(exc) from exc
     except Exception:
         return  # not one of ours: let Hydra report it
-    run_dir = Path(str(cfg.hydra.run.dir))
+    key = "hydra.sweep.dir" if multirun or cfg.hydra.mode == RunMode.MULTIRUN else "hydra.run.dir"
+    run_dir = Path(str(OmegaConf.select(cfg, key)))
     problem = _unwritable(run_dir)
     if problem:
-        raise ConfigError("hydra.run.dir", f"cannot create the output folder {run_dir}: {problem}")
+        raise ConfigError(key, f"cannot create the output folder {run_dir}: {problem}")
 
 
 def _missing_option(exc: MissingConfigException) -> ConfigError:
@@ -61,6 +81,8 @@ def _missing_option(exc: MissingConfigException) -> ConfigError:
         listed = text.split("Available options", 1)[-1].split("Config search path", 1)[0]
         options = [line.strip() for line in listed.splitlines()[1:] if line.startswith("\t")]
     choices = f"; choose from {', '.join(options)}" if options else ""
+    if group in _PLUGIN_GROUPS:
+        choices += f" ({_PLUGIN_HINT})"
     return ConfigError(group, f"no option {option!r}{choices}")
 
 

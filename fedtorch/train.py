@@ -12,17 +12,19 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fedtorch import checkpoint, distributed
 from fedtorch.build import build, resume_target
 from fedtorch.checkpoint import Interrupted
-from fedtorch.errors import ConfigError, FedtorchError
+from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.hydra_errors import precheck
 
 log = logging.getLogger("fedtorch")
@@ -142,12 +144,15 @@ def _full_errors() -> bool:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the best accuracy (useful to sweepers)."""
     hydra_cfg = HydraConfig.get()
+    _handle_signals()
     try:
         summary = train(cfg, hydra_cfg.runtime.output_dir)
     except FedtorchError as exc:
         if _full_errors():
             raise
         _log_to_files(f"error: {exc}")
+        if _trial_failure(exc, hydra_cfg):
+            raise  # the sweeper prints it, records a failed trial and goes on
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as stop:
@@ -162,6 +167,20 @@ def main(cfg: DictConfig) -> float | None:
             print(f"checkpoint: {stop.path}\nresume with: {command}", file=sys.stderr)
         sys.exit(130)
     return summary.get("best_accuracy")  # None on worker ranks
+
+
+def _trial_failure(exc: FedtorchError, hydra_cfg: Any) -> bool:
+    """Whether ``exc`` ends only this trial of a search rather than the whole command.
+
+    A sweeper that searches (Optuna, any but Hydra's basic one) records a job that raises
+    as a failed trial and proposes the next (up to its ``max_failure_rate``): right for a
+    run that failed while training, e.g. diverged with a learning rate it proposed. A
+    config or data error would fail every trial alike, so it still stops the command, as
+    it does in a single run or a grid sweep.
+    """
+    if isinstance(exc, ConfigError | DataError) or hydra_cfg.mode != RunMode.MULTIRUN:
+        return False
+    return not str(hydra_cfg.sweeper.get("_target_", "")).endswith(".BasicSweeper")
 
 
 def _ctrl_c(signum: int, frame: object) -> None:
@@ -182,6 +201,21 @@ def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
 
+def _handle_signals() -> None:
+    """Ctrl-C, and SIGTERM where nothing else handles it, stop a run as an interrupt.
+
+    ``cli`` calls it before Hydra starts; :func:`main` calls it again for jobs that a
+    launcher runs in processes of its own (joblib's workers), where the signals are still
+    Python's defaults. A SIGTERM handler someone else installed (submitit's) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _ctrl_c)
+
+
 def cli() -> None:
     """``python -m fedtorch.train``: Hydra's own config errors as one line, then run
     (under torchrun: join the process group and agree on one run folder first)."""
@@ -193,8 +227,7 @@ def cli() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _ctrl_c)
+    _handle_signals()
     if distributed.launched():
         sys.argv = [sys.argv[0], *distributed.start(sys.argv[1:])]
     try:
