@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedtorch.build import build
+from fedtorch.checkpoint import Interrupted
 from fedtorch.errors import ConfigError
 from fedtorch.train import train
 from tests.conftest import FAST, compose_config
@@ -20,18 +21,20 @@ ALL = "logger=[tensorboard,mlflow,wandb,quiet]"
 # Two rounds of checkpoints, then a resume from round 2 that also runs round 4: round 3 was
 # logged after the checkpoint by the first session and is computed again by the second.
 RUN = [*FAST, "data.num_train=400", "data.num_test=200", "checkpoint.every=1", "checkpoint.keep=3"]
-TIMING = ("round_time_s", "elapsed_s")
 
 
-@pytest.fixture(autouse=True)
-def _offline(tmp_path_factory, monkeypatch):
-    """Trackers stay on this machine: W&B offline and silent, its folders in a temp dir."""
-    home = tmp_path_factory.getbasetemp() / "wandb-home"
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(home))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+@pytest.fixture(scope="module", autouse=True)
+def _offline(tmp_path_factory):
+    """Trackers stay on this machine: W&B offline and silent, its folders in a temp dir,
+    and no MLflow server from the environment."""
+    home = tmp_path_factory.mktemp("wandb-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            mp.setenv(var, str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -53,15 +56,10 @@ def resumed(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("trackers")
     run_dir, out = root / "run", root / "outputs"
     overrides = [*RUN, ALL, f"paths.output_dir={out}"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(var, str(root / "wandb-home"))
-        train(compose_config([*overrides, "rounds=3"]), run_dir)
-        first = rows(run_dir)
-        (run_dir / "checkpoints" / "round_000003.pt").unlink()
-        train(compose_config([*overrides, "rounds=4", "resume=true"]), run_dir)
+    train(compose_config([*overrides, "rounds=3"]), run_dir)
+    first = rows(run_dir)
+    (run_dir / "checkpoints" / "round_000003.pt").unlink()
+    train(compose_config([*overrides, "rounds=4", "resume=true"]), run_dir)
     return {"run_dir": run_dir, "out": out, "first": first, "final": rows(run_dir)}
 
 
@@ -235,22 +233,29 @@ def test_default_and_list_selection_compose():
     assert both.trackers.mlflow.tracking_uri == "sqlite:////x/mlflow.db"
 
 
-def test_a_failed_run_ends_the_mlflow_run_failed(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "raised", "status"),
+    [(RuntimeError("boom"), RuntimeError, "FAILED"), (KeyboardInterrupt(), Interrupted, "KILLED")],
+)
+def test_a_failed_or_interrupted_run_ends_the_mlflow_run_so(
+    resumed, tmp_path, monkeypatch, error, raised, status
+):
     from mlflow.tracking import MlflowClient
 
     from fedtorch.orchestrator import Orchestrator
 
-    def boom(self, *args, **kwargs):
-        raise RuntimeError("boom")
+    def evaluate(self, *args, **kwargs):
+        raise error
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = compose_config(
-        [*RUN, "logger=[mlflow,quiet]", f"logger.trackers.mlflow.tracking_uri={uri}"]
-    )
-    monkeypatch.setattr(Orchestrator, "_evaluate", boom)
-    with pytest.raises(RuntimeError, match="boom"):
-        train(cfg, tmp_path / "run")
-    (run,) = MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("fedtorch").experiment_id]
-    )
-    assert run.info.status == "FAILED"
+    uri = f"sqlite:///{resumed['out']}/mlflow.db"  # an existing store: no schema set-up
+    name = f"stopped-{status}"
+    keys = [
+        f"logger.trackers.mlflow.tracking_uri={uri}",
+        f"logger.trackers.mlflow.experiment_name={name}",
+    ]
+    monkeypatch.setattr(Orchestrator, "_evaluate", evaluate)
+    with pytest.raises(raised):
+        train(compose_config([*RUN, "logger=[mlflow,quiet]", *keys]), tmp_path)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == status
