@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -29,6 +30,7 @@ from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.lora_exact import check_exact_strategy, lora_pairs
 from fedtorch.orchestrator import Orchestrator, RunSettings
 from fedtorch.sampling import cohort_size
+from fedtorch.silos import Silos, load_silos, served_silos, silo_specs
 from fedtorch.state import StateLayout, expand_key_rules
 from fedtorch.strategies import averages_plainly
 from fedtorch.strategies.base import RunContext
@@ -128,6 +130,13 @@ _READING_KEYS = {"in_memory": True, "num_workers": 0, "pin_memory": False}
 
 def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
     spec = OmegaConf.to_container(cfg.data, resolve=True)
+    spec.pop("silos", None)
+    return _load_data(spec).to(device)
+
+
+def _load_data(spec: dict[str, Any]) -> DataBundle:
+    """Load the data ``spec`` (the resolved ``data`` keys) describes, on the CPU."""
+    spec = dict(spec)
     reading = {k: spec.pop(k, default) for k, default in _READING_KEYS.items()}
     in_memory = reading["in_memory"]
     if not isinstance(in_memory, bool):
@@ -147,7 +156,7 @@ def _setup_data(cfg: DictConfig, device: torch.device) -> DataBundle:
     if len(loaded.train_y) == 0 or len(loaded.test_y) == 0:
         raise DataError(f"{loaded.name}: the training or test set is empty")
     _configure_reading(loaded, reading)
-    return loaded.to(device)
+    return loaded
 
 
 def _configure_reading(data: DataBundle, reading: dict[str, Any]) -> None:
@@ -172,29 +181,71 @@ def _configure_reading(data: DataBundle, reading: dict[str, Any]) -> None:
 
 
 def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
+    shards = _split_clients(cfg, data, cfg.num_clients, cfg.seed, "num_clients")
+    return [s.to(data.train_y.device) for s in shards]
+
+
+def _split_clients(
+    cfg: DictConfig, data: DataBundle, num_clients: int | None, seed: int, key: str
+) -> list[torch.Tensor]:
+    """Cut ``data``'s training rows into ``num_clients`` clients with ``cfg.partition``
+    (``key`` names the setting in errors)."""
     split = _instantiate(cfg.partition, "partition")
     extra = {}
     if "clients" in _accepted(cfg.partition._target_, ("clients", "dataset"), "partition"):
         extra = {"clients": data.client_indices, "dataset": data.name}
-    elif cfg.num_clients is None:
-        raise ConfigError(
-            "num_clients", "null is only allowed with partition=natural; give a number >= 1"
-        )
+    elif num_clients is None:
+        raise ConfigError(key, "null is only allowed with partition=natural; give a number >= 1")
     labels = data.labels_for_partition.cpu()
-    shards = split(labels, num_clients=cfg.num_clients, seed=cfg.seed, **extra)
-    expected = cfg.num_clients if cfg.num_clients is not None else len(shards)
+    shards = split(labels, num_clients=num_clients, seed=seed, **extra)
+    expected = num_clients if num_clients is not None else len(shards)
     if len(shards) != expected:
         raise ConfigError(
-            "partition._target_", f"returned {len(shards)} shards for num_clients={expected}"
+            "partition._target_", f"returned {len(shards)} shards for {key}={expected}"
         )
     empty = [i for i, s in enumerate(shards) if len(s) == 0]
     if empty:
         raise ConfigError(
-            "num_clients",
+            key,
             f"{len(empty)} client(s) got no data (first: {empty[0]}); "
             "use fewer clients or another split",
         )
-    return [s.to(data.train_y.device) for s in shards]
+    return shards
+
+
+def _setup_silos(
+    cfg: DictConfig, device: torch.device
+) -> tuple[DataBundle, list[torch.Tensor], Silos, dict]:
+    """``data.silos``: this process's silos' data, every client's shard (placeholders for
+    clients held elsewhere), the silo map and the partition statistics."""
+    spec = OmegaConf.to_container(cfg.data, resolve=True)
+    natural = "clients" in _accepted(cfg.partition._target_, ("clients",), "partition")
+    specs = silo_specs(spec, spec.pop("silos"), natural)
+    distributed_run = str(cfg.engine.get("_target_", "")).endswith("DistributedEngine")
+    local, rank_of_silo = served_silos(
+        len(specs), cfg.distributed.get("silo"), distributed_run and dist.is_initialized()
+    )
+    if cfg.eval_local or (cfg.eval_clients and rank_of_silo is not None):
+        key = "eval_local" if cfg.eval_local else "eval_clients"
+        raise ConfigError(key, "is not available with data.silos (data stays in its silo)")
+    data, shards, silos, histograms = load_silos(
+        specs,
+        local,
+        rank_of_silo,
+        cfg.seed,
+        _load_data,
+        lambda d, n, seed, key: _split_clients(cfg, d, n, seed, f"{key}.num_clients"),
+    )
+    if cfg.num_clients is not None and cfg.num_clients != len(shards):
+        raise ConfigError(
+            "num_clients",
+            f"must be null (the silos' clients) or their total {len(shards)} with data.silos, "
+            f"got {cfg.num_clients}",
+        )
+    stats = partition_lib.statistics_of_histograms(histograms, len(data.train_y))
+    if rank_of_silo is not None:
+        stats["summary"]["unassigned_samples"] = None  # other silos' rows are not known here
+    return data.to(device), [s.to(device) for s in shards], silos, stats
 
 
 def _set_memory_format(
@@ -406,14 +457,18 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         ) from exc
 
     checkpointing = _checkpointing(cfg, run_dir)
-    data = _setup_data(cfg, device)
-    if data.stats is not None:
-        checkpoint.write_json(run_dir / "dataset.json", data.stats)
-    shards = _setup_partition(cfg, data)
+    silos = None
+    if cfg.data.get("silos") is not None:
+        data, shards, silos, stats = _setup_silos(cfg, device)
+    else:
+        data = _setup_data(cfg, device)
+        if data.stats is not None:
+            checkpoint.write_json(run_dir / "dataset.json", data.stats)
+        shards = _setup_partition(cfg, data)
+        classes = data.num_classes if data.partition_labels is None else None
+        stats = partition_lib.statistics(shards, data.labels_for_partition, classes)
     num_clients = len(shards)
     clients_per_round = cohort_size(num_clients, cfg.clients_per_round, cfg.fraction)
-    classes = data.num_classes if data.partition_labels is None else None
-    stats = partition_lib.statistics(shards, data.labels_for_partition, classes)
     checkpoint.write_json(run_dir / "partition.json", stats)
 
     adapter = _instantiate(cfg.adapter, "adapter")
@@ -443,6 +498,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)
+    if silos is not None and silos.rank_of_silo is not None:
+        engine.place_clients(silos.rank_of_client)
     strategy = _instantiate(cfg.strategy, "strategy")
     strategy.bind(_run_context(num_clients, trainer, layout, clients_per_round, run_dir))
     privacy = _instantiate(cfg.privacy, "privacy", seed=cfg.seed)
@@ -530,5 +587,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         compression=compression,
         adapter=adapter,
         exact_lora=exact_lora,
+        silos=silos,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

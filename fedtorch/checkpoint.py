@@ -162,6 +162,7 @@ ADDED_KEYS: dict[str, Any] = {
     "aggregation.collective": "gather",
     "data.in_memory": True,
     "data.augment": False,
+    "data.silos": None,
 }
 
 

@@ -98,8 +98,11 @@ def _timeout_from(argv: list[str]) -> float:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Stop every rank with one line if the ranks composed different configs."""
-    text = OmegaConf.to_yaml(cfg, resolve=True)
+    """Stop every rank with one line if the ranks composed different configs (but for
+    ``distributed.silo``, which names each process's own silo)."""
+    shared = OmegaConf.to_container(cfg, resolve=True)
+    shared.get("distributed", {}).pop("silo", None)
+    text = OmegaConf.to_yaml(OmegaConf.create(shared))
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     digests: list[Any] = [None] * world_size()
     dist.all_gather_object(digests, digest)

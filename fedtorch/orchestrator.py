@@ -39,6 +39,7 @@ from fedtorch.privacy.release import PrivateRound
 from fedtorch.privacy.secagg import SecureAggregation
 from fedtorch.results import ClientFailure, ClientResult, ClientTask
 from fedtorch.sampling import sample_clients, sample_poisson
+from fedtorch.silos import Silos
 from fedtorch.state import StateLayout, aggregate_max
 from fedtorch.strategies.base import Strategy
 
@@ -130,6 +131,7 @@ class Orchestrator:
         compression: Compression | None = None,
         adapter: Any = None,
         exact_lora: list[LoraPair] | None = None,
+        silos: Silos | None = None,
         extra_summary: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
@@ -149,6 +151,7 @@ class Orchestrator:
         self.compression = compression or Compression()
         self.adapter = adapter or NoAdapter()
         self.exact_lora = exact_lora or []
+        self.silos = silos
         # Base weights the exact LoRA aggregation changes every round (sent every round).
         self.folded_keys = {p.base for p in self.exact_lora}
         self._round_metrics: dict[str, Any] = {}
@@ -607,6 +610,28 @@ class Orchestrator:
         self.model.load_state_dict(self.global_state)
         return _pooled(totals, "local_test")
 
+    def silo_totals_here(self) -> dict[int, torch.Tensor]:
+        """Evaluation totals of the model as loaded on each silo held by this process."""
+        data = self.data
+        return {
+            silo: evaluation_totals(
+                self.model, data.test_x, data.test_y, self.settings.eval_batch_size, data.task, rows
+            ).cpu()
+            for silo, rows in self.silos.test_rows.items()
+        }
+
+    def _silo_totals(self) -> torch.Tensor:
+        """Federated evaluation: every silo's totals on its own test split (the other
+        processes' too, under engine=distributed), added in silo order."""
+        if hasattr(self.engine, "evaluate_silos"):
+            per_silo = self.engine.evaluate_silos(self.global_state, self.silo_totals_here)
+        else:
+            per_silo = self.silo_totals_here()
+        total = torch.zeros(4, dtype=torch.float64)
+        for silo in sorted(per_silo):
+            total += per_silo[silo]
+        return total
+
     def _owner_map(self) -> torch.Tensor:
         """owner[i] = client holding training sample i, -1 if none (for per-client eval)."""
         y = self.data.train_y
@@ -620,9 +645,13 @@ class Orchestrator:
         s = self.settings
         self.model.load_state_dict(self.global_state)
         task = self.data.task
-        loss, acc = evaluate(
-            self.model, self.data.test_x, self.data.test_y, s.eval_batch_size, task
-        )
+        if self.silos is not None:
+            test = _pooled(self._silo_totals(), "test")
+            loss, acc = test["test_loss"], test["test_accuracy"]
+        else:
+            loss, acc = evaluate(
+                self.model, self.data.test_x, self.data.test_y, s.eval_batch_size, task
+            )
         out = {"test_loss": loss, "test_accuracy": acc, **task.extra_metrics(loss)}
         if s.eval_local:
             out.update(self._evaluate_local())

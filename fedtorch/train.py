@@ -114,12 +114,18 @@ def _serve(cfg: DictConfig) -> None:
     worker_cfg.resume = False  # rank 0 restores the run; workers get its weights
     with tempfile.TemporaryDirectory(prefix="fedtorch-rank") as scratch:
         orchestrator = build(worker_cfg, scratch)
+
+        def evaluate_here() -> dict:
+            orchestrator.model.load_state_dict(orchestrator.global_state)
+            return orchestrator.silo_totals_here()
+
         orchestrator.engine.serve(
             orchestrator.trainer,
             orchestrator.shards,
             orchestrator.global_state,
             orchestrator.global_vector,
             orchestrator.strategy,
+            evaluate_here if orchestrator.silos is not None else None,
         )
 
 

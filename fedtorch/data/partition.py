@@ -215,14 +215,20 @@ def statistics(parts: Partition, labels: torch.Tensor, num_classes: int | None =
     if num_classes is None:
         num_classes = int(y.max()) + 1 if len(y) else 0
     hist = torch.stack([torch.bincount(y[p.cpu()], minlength=num_classes) for p in parts])
+    return statistics_of_histograms(hist, len(y))
+
+
+def statistics_of_histograms(hist: torch.Tensor, total: int) -> dict:
+    """:func:`statistics` from the clients' label histograms [clients, classes] and the
+    number of training samples ``total``."""
     sizes = hist.sum(dim=1).float()
     classes_per_client = (hist > 0).sum(dim=1).float()
     assigned = int(sizes.sum())
     return {
         "summary": {
-            "num_clients": len(parts),
+            "num_clients": len(hist),
             "assigned_samples": assigned,
-            "unassigned_samples": len(y) - assigned,
+            "unassigned_samples": total - assigned,
             "min_size": int(sizes.min()),
             "median_size": float(sizes.median()),
             "max_size": int(sizes.max()),

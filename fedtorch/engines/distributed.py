@@ -21,7 +21,7 @@ and dropped from the round as in one process.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -71,6 +71,8 @@ class DistributedEngine:
             )
         self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
         self.collective = collective
+        # data.silos: the rank holding each client's data (None: any rank, by chunk).
+        self._owner: Callable[[int], int] | None = None
         # Everything goes over the default group (gloo, plus NCCL for CUDA tensors), made at
         # start-up with the run's timeout (fedtorch.distributed.start).
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -93,9 +95,27 @@ class DistributedEngine:
                 "would live on whichever rank trained it; use engine=sequential",
             )
 
-    def _chunks(self, tasks: Sequence[ClientTask]) -> list[list[ClientTask]]:
+    def place_clients(self, owner: Callable[[int], int]) -> None:
+        """``data.silos``: train each client on the rank ``owner(client_id)`` that holds
+        its data, instead of spreading chunks over the ranks."""
+        self._owner = owner
+
+    def _assign(self, tasks: Sequence[ClientTask]) -> list[tuple[int, list[ClientTask]]]:
+        """(rank, chunk) pairs in cohort order: contiguous chunks of ``chunk_size``, chunk i
+        on rank i mod world size; with silos, runs of clients of one rank, cut at
+        ``chunk_size``."""
         c = self.chunk_size
-        return [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
+        if self._owner is None:
+            chunks = [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
+            return [(i % self.world, chunk) for i, chunk in enumerate(chunks)]
+        assigned: list[tuple[int, list[ClientTask]]] = []
+        for task in tasks:
+            owner = self._owner(task.client_id)
+            if assigned and assigned[-1][0] == owner and len(assigned[-1][1]) < c:
+                assigned[-1][1].append(task)
+            else:
+                assigned.append((owner, [task]))
+        return assigned
 
     def _broadcast_weights(
         self, global_state: Mapping[str, torch.Tensor], global_vector: torch.Tensor
@@ -116,20 +136,15 @@ class DistributedEngine:
         sink: UpdatePipeline,
     ) -> None:
         """Train ``tasks`` across the ranks; updates reach ``sink`` in cohort order."""
-        chunks = self._chunks(tasks)
+        assigned = self._assign(tasks)
         self._announce("round", round_idx)
         self._broadcast_weights(global_state, global_vector)
         pending = []
         for worker in range(1, self.world):
-            mine = [
-                [_portable(t) for t in chunk]
-                for i, chunk in enumerate(chunks)
-                if i % self.world == worker
-            ]
+            mine = [[_portable(t) for t in chunk] for owner, chunk in assigned if owner == worker]
             pending += isend_object(mine, worker)
         buffer = torch.empty_like(global_vector)
-        for i, chunk in enumerate(chunks):
-            owner = i % self.world
+        for owner, chunk in assigned:
             if owner == 0:
                 self.inner.run(trainer, chunk, shards, global_state, global_vector, round_idx, sink)
             else:
@@ -169,6 +184,27 @@ class DistributedEngine:
                 f"dead): {_first_line(exc)}"
             ) from None
 
+    def evaluate_silos(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        here: Callable[[], dict[int, torch.Tensor]],
+    ) -> dict[int, torch.Tensor]:
+        """Rank 0, ``data.silos``: every rank evaluates the global weights on its silo's
+        test split; returns each silo's evaluation totals."""
+        self._announce("evaluate", 0)
+        for tensor in global_state.values():
+            dist.broadcast(tensor, 0)
+        totals = dict(here())
+        for worker in range(1, self.world):
+            try:
+                totals.update(recv_object(worker))
+            except RuntimeError as exc:
+                raise lost_peer(
+                    f"distributed: rank {worker} did not send its silo's evaluation within "
+                    f"distributed.timeout_s={self.timeout_s:g} (hung or dead): {_first_line(exc)}"
+                ) from None
+        return totals
+
     def _announce(self, kind: str, round_idx: int) -> None:
         """Rank 0: check every worker is there (gloo's monitored barrier names the ones
         that are not; before round 1 this also bounds start-up), then tell them what comes
@@ -198,9 +234,11 @@ class DistributedEngine:
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
         strategy: Any,
+        evaluate_here: Callable[[], dict[int, torch.Tensor]] | None = None,
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
-        them, send the updates; return when rank 0 says stop."""
+        them, send the updates; with silos, evaluate the weights rank 0 sends on this
+        rank's silo when asked (``evaluate_here``); return when rank 0 says stop."""
         while True:
             try:
                 dist.monitored_barrier(
@@ -211,6 +249,13 @@ class DistributedEngine:
                 kind, round_idx = message[0]
                 if kind == "stop":
                     return
+                if kind == "evaluate":
+                    for tensor in global_state.values():
+                        dist.broadcast(tensor, 0)
+                    if evaluate_here is None:
+                        raise DistributedError("rank 0 asked for an evaluation on no silo")
+                    _wait(isend_object(evaluate_here(), 0))
+                    continue
                 self._broadcast_weights(global_state, global_vector)
                 chunks = recv_object(0)
             except RuntimeError as exc:
@@ -293,6 +338,11 @@ class _Forward:
         for work, _ in self.pending:
             work.wait()
         self.pending.clear()
+
+
+def _wait(pending: list[Any]) -> None:
+    for work, _ in pending:
+        work.wait()
 
 
 def _portable(task: ClientTask) -> ClientTask:
