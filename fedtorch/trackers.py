@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -165,20 +166,20 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         self._run_dir = Path(run_dir)
-        location = self.artifact_location
+        location, db = self.artifact_location, None
         if self.tracking_uri.startswith("sqlite:///"):
             db = Path(self.tracking_uri.removeprefix("sqlite:///"))
             db.parent.mkdir(parents=True, exist_ok=True)
             location = location or (db.parent.resolve() / "mlartifacts").as_uri()
-        client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            try:
+        # Opening a new SQLite store creates its tables: one process at a time (the
+        # parallel runs of a sweep would otherwise race through the same migrations).
+        with _file_lock(db):
+            client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is not None:
+                experiment_id = experiment.experiment_id
+            else:
                 experiment_id = client.create_experiment(self.experiment_name, location)
-            except MlflowException:  # created meanwhile by another run of a sweep
-                experiment_id = client.get_experiment_by_name(self.experiment_name).experiment_id
         earlier = _read_state(self._run_dir).get("mlflow") if history else None
         if earlier:
             try:
@@ -349,6 +350,24 @@ def default_run_name(run_dir: Path) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@contextmanager
+def _file_lock(path: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``PATH.lock`` (POSIX; elsewhere, and for None, no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_state(run_dir: Path) -> dict[str, Any]:
