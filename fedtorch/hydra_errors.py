@@ -94,7 +94,10 @@ def _composition(exc: ConfigCompositionException) -> ConfigError:
         return ConfigError(key, f"no such key (check the spelling; +{key}=VALUE adds a new one)")
     if match:
         return ConfigError(match.group(1), text.splitlines()[-1].strip())
-    return ConfigError("config", text.splitlines()[0])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # "... raised while composing config:" + why
+        return ConfigError("config", f"{lines[0]} {lines[1]}")
+    return ConfigError("config", lines[0] if lines else text)
 
 
 def _unwritable(path: Path) -> str | None:
