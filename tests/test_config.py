@@ -47,7 +47,7 @@ def test_readme_lists_every_option_of_every_group():
     }
     missing = [
         f"{group}={name}"
-        for group in (*GROUPS, "paths", "hydra")
+        for group in (*GROUPS, "paths", "hydra", "hparams_search")
         for name in options(group)
         if f"`{name}`" not in rows.get(group, "")
     ]
