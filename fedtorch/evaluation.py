@@ -47,6 +47,32 @@ def evaluation_totals(
 
 
 @torch.inference_mode()
+def batch_totals(
+    model: nn.Module,
+    x: torch.Tensor | DatasetInputs,
+    y: torch.Tensor,
+    batch_size: int,
+    task: Task,
+    batches: list[int],
+) -> torch.Tensor:
+    """:func:`evaluation_totals`' per-batch terms for the batches numbered ``batches``
+    (batch b holds rows [b * batch_size, (b + 1) * batch_size)), float64 [len(batches),
+    4]: added in batch order they give its totals bit for bit, wherever each was made."""
+    model.eval()
+    out = torch.zeros(len(batches), 4, dtype=torch.float64)
+    for i, b in enumerate(batches):
+        rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(y)))
+        for xb, yb in in_order(x, y, batch_size, rows):
+            stats = task.per_sample(model(xb), yb)
+            out[i] = torch.stack([s.sum(dtype=torch.float64) for s in stats]).cpu()
+    return out
+
+
+def num_batches(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
+
+
+@torch.inference_mode()
 def per_client_accuracy(
     model: nn.Module,
     x: torch.Tensor | DatasetInputs,

@@ -24,8 +24,10 @@ from fedtorch.data.datasets import DataBundle
 from fedtorch.engines.distributed import SummedRound
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import (
+    batch_totals,
     evaluate,
     evaluation_totals,
+    num_batches,
     per_client_accuracy,
     worst_fraction_mean,
 )
@@ -152,6 +154,8 @@ class Orchestrator:
         self.adapter = adapter or NoAdapter()
         self.exact_lora = exact_lora or []
         self.silos = silos
+        # True from a round's aggregation until its evaluation is done.
+        self._unfinished = False
         # Base weights the exact LoRA aggregation changes every round (sent every round).
         self.folded_keys = {p.base for p in self.exact_lora}
         self._round_metrics: dict[str, Any] = {}
@@ -250,6 +254,12 @@ class Orchestrator:
                     target_round = progress.best_round
                     break
         except KeyboardInterrupt:
+            if self._unfinished:
+                # The round's aggregate is in the weights but the round did not finish (a
+                # peer stopped during a distributed evaluation): those weights belong to no
+                # round, so the newest checkpoint on disk is where to resume.
+                found = checkpoint.list_checkpoints(self.run_dir)
+                raise Interrupted(progress.round, found[0] if found else None) from None
             path = self._save_checkpoint(progress) if progress.round else None
             raise Interrupted(progress.round, path) from None
         if self.checkpointing.every and not self._checkpoint_due(progress.round):
@@ -393,6 +403,7 @@ class Orchestrator:
         s = self.settings
         sampled = row.pop("sampled")
         self._round_metrics = row
+        self._unfinished = True
         if pipeline is not None:
             self._apply(pipeline, round_idx)
             self.trainer.commit_local_state([c.client_id for c in pipeline.clients])
@@ -424,6 +435,7 @@ class Orchestrator:
             accuracy = progress.last_eval["test_accuracy"]
             if progress.best_accuracy is None or accuracy > progress.best_accuracy:
                 progress.best_accuracy, progress.best_round = accuracy, round_idx
+        self._unfinished = False
         return progress
 
     def _uplink_bytes(self, pipeline: UpdatePipeline | None, clients: int) -> int:
@@ -620,6 +632,23 @@ class Orchestrator:
             for silo, rows in self.silos.test_rows.items()
         }
 
+    def test_batch_totals(self, batches: list[int]) -> torch.Tensor:
+        """Per-batch evaluation terms of the model as loaded on test batches ``batches``."""
+        data = self.data
+        return batch_totals(
+            self.model, data.test_x, data.test_y, self.settings.eval_batch_size, data.task, batches
+        )
+
+    def _shared_totals(self) -> torch.Tensor:
+        """engine=distributed: the test batches are evaluated by every rank, and the
+        per-batch terms added in batch order (the one-process totals, bit for bit)."""
+        count = num_batches(len(self.data.test_y), self.settings.eval_batch_size)
+        terms = self.engine.evaluate_shared(self.global_state, count, self.test_batch_totals)
+        total = torch.zeros(4, dtype=torch.float64)
+        for row in terms:
+            total += row
+        return total
+
     def _silo_totals(self) -> torch.Tensor:
         """Federated evaluation: every silo's totals on its own test split (the other
         processes' too, under engine=distributed), added in silo order."""
@@ -647,6 +676,9 @@ class Orchestrator:
         task = self.data.task
         if self.silos is not None:
             test = _pooled(self._silo_totals(), "test")
+            loss, acc = test["test_loss"], test["test_accuracy"]
+        elif hasattr(self.engine, "evaluate_shared"):
+            test = _pooled(self._shared_totals(), "test")
             loss, acc = test["test_loss"], test["test_accuracy"]
         else:
             loss, acc = evaluate(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -119,6 +120,10 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.model.load_state_dict(orchestrator.global_state)
             return orchestrator.silo_totals_here()
 
+        def evaluate_batches(batches: list[int]) -> torch.Tensor:
+            orchestrator.model.load_state_dict(orchestrator.global_state)
+            return orchestrator.test_batch_totals(batches)
+
         orchestrator.engine.serve(
             orchestrator.trainer,
             orchestrator.shards,
@@ -126,6 +131,7 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.global_vector,
             orchestrator.strategy,
             evaluate_here if orchestrator.silos is not None else None,
+            evaluate_batches,
         )
 
 
