@@ -86,7 +86,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)
     print(table)
-    replace_block(HERE / "README.md", "dataloader", table)
+    for readme in (HERE / "README.md", HERE.parents[1] / "README.md"):
+        replace_block(readme, "dataloader", table)
 
 
 def render(result: dict) -> str:
