@@ -56,7 +56,8 @@ def main() -> None:
         for repeat in range(args.repeats):
             for model in args.models:
                 for arm, overrides in ARMS.items():
-                    out = scratch / f"{model}-{len(times[model][arm])}-{arm.replace(' ', '_')}"
+                    name = "".join(ch for ch in arm if ch.isalnum())
+                    out = scratch / f"{model}-{len(times[model][arm])}-{name}"
                     cmd = [*BASE, *MODELS[model], *overrides, f"rounds={args.rounds}"]
                     run_fedtorch(cmd, out, threads=args.threads)
                     _, rows = load_run(out)
