@@ -127,6 +127,7 @@ def test_each_process_reads_only_its_silo_and_matches_one_process(tmp_path, silo
     assert sorted(reads) == [["0", str(silos / "a")], ["1", str(silos / "b")]]
 
 
+@pytest.mark.slow
 def test_a_silo_served_twice_stops_every_process(tmp_path, silos):
     ended = two_machines(
         [*overrides(silos), f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, silos_served=(0, 0)
