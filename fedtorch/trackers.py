@@ -117,7 +117,28 @@ class TensorBoardTracker:
         self._writer = None
 
 
-class MLflowTracker:
+class _ContinuedRun:
+    """A tracker that continues one run across the sessions of a run folder: rounds up to
+    ``_sent`` reached it in an earlier session and are not sent again."""
+
+    _sent: int
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        step = int(row["round"])
+        if step <= self._sent:
+            return
+        self._send(step, numeric(row))
+        self._sent = step
+        self._save()
+
+    def _send(self, step: int, values: Mapping[str, float]) -> None:
+        raise NotImplementedError
+
+    def _save(self) -> None:
+        raise NotImplementedError
+
+
+class MLflowTracker(_ContinuedRun):
     """An MLflow run (``mlflow.MlflowClient``): params, metrics per round, summary, files.
 
     Params are the flattened resolved config; each round's numeric columns are metrics at
@@ -202,17 +223,12 @@ class MLflowTracker:
         for row in history:
             self.log(row)
 
-    def log(self, row: Mapping[str, Any]) -> None:
+    def _send(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        step = int(row["round"])
-        if step <= self._sent:  # sent by an earlier session of this run
-            return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in numeric(row).items()]
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
         self._client.log_batch(self._run_id, metrics=metrics)
-        self._sent = step
-        self._save()
 
     def finish(self, summary: Mapping[str, Any] | None, run_dir: Path, status: str) -> None:
         if self._client is None:
@@ -236,7 +252,7 @@ class MLflowTracker:
         _write_state(self._run_dir, "mlflow", {"run_id": self._run_id, "round": self._sent})
 
 
-class WandbTracker:
+class WandbTracker(_ContinuedRun):
     """A Weights & Biases run (``wandb.init``): config, metrics per round, summary.
 
     Offline by default: the run is written under ``DIR/wandb/offline-run-*`` and uploaded
@@ -297,13 +313,8 @@ class WandbTracker:
         for row in history:
             self.log(row)
 
-    def log(self, row: Mapping[str, Any]) -> None:
-        step = int(row["round"])
-        if step <= self._sent:  # sent by an earlier session of this run
-            return
-        self._run.log(numeric(row), step=step)
-        self._sent = step
-        self._save()
+    def _send(self, step: int, values: Mapping[str, float]) -> None:
+        self._run.log(dict(values), step=step)
 
     def finish(self, summary: Mapping[str, Any] | None, run_dir: Path, status: str) -> None:
         if self._run is None:
