@@ -21,6 +21,7 @@ from fedtorch.client import ClientTrainer
 from fedtorch.compression import Compression
 from fedtorch.compression.bits import packed_bytes
 from fedtorch.data.datasets import DataBundle
+from fedtorch.distributed import DistributedError
 from fedtorch.engines.distributed import SummedRound
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import (
@@ -156,6 +157,8 @@ class Orchestrator:
         self.silos = silos
         # True from a round's aggregation until its evaluation is done.
         self._unfinished = False
+        # The next round, started before this one's evaluation (engine=distributed).
+        self._next_round: _StartedRound | None = None
         # Base weights the exact LoRA aggregation changes every round (sent every round).
         self.folded_keys = {p.base for p in self.exact_lora}
         self._round_metrics: dict[str, Any] = {}
@@ -291,7 +294,17 @@ class Orchestrator:
 
     def _train_round(self, round_idx: int) -> tuple[UpdatePipeline | None, dict[str, Any]]:
         """Sample, configure and train one round's clients, their updates streaming into
-        the round's pipeline; changes no server state."""
+        the round's pipeline; changes no server state. A round the distributed engine
+        started early (:meth:`_start_next_round`) is finished here."""
+        started = self._next_round
+        self._next_round = None
+        if started is None or started.round_idx != round_idx:
+            started = self._start_round(round_idx)
+        return self._complete_round(started)
+
+    def _start_round(self, round_idx: int) -> _StartedRound:
+        """A round's cohort, tasks and pipeline; with an engine that can, the workers are
+        already sent their clients (engine.start) when this returns."""
         s = self.settings
         if self.privacy.sampling == "poisson":
             rate = s.clients_per_round / len(self.shards)
@@ -306,7 +319,51 @@ class Orchestrator:
         self.compression.start_round(round_idx)
         pipeline = self._start_pipeline(tasks, round_idx)
         sent_state, sent_vector = self._broadcast()
-        if tasks:
+        started = _StartedRound(
+            round_idx, list(cohort), tasks, dropped, pipeline, sent_state, sent_vector
+        )
+        if tasks and hasattr(self.engine, "start"):
+            self.engine.start(tasks, self.shards, sent_state, sent_vector, round_idx)
+            started.dispatched = True
+        return started
+
+    def _start_next_round(self, round_idx: int) -> None:
+        """Send round ``round_idx + 1``'s clients to the workers before round
+        ``round_idx`` is evaluated and checkpointed on rank 0, so they train while it does
+        (engine=distributed). Starting a round changes no server state; runs that may stop
+        early (a target accuracy, a privacy budget) or evaluate on the workers (silos) do
+        not start early."""
+        s = self.settings
+        if (
+            not hasattr(self.engine, "start")
+            or round_idx >= s.rounds
+            or s.target_accuracy is not None
+            or self.silos is not None
+            or self.privacy.enabled
+            or self.secure_agg.enabled
+        ):
+            return
+        try:
+            self._next_round = self._start_round(round_idx + 1)
+        except (RuntimeError, DistributedError, KeyboardInterrupt) as exc:
+            # A worker is gone (or stopping with rank 0): finish this round as usual; the
+            # next round's own start reports the lost rank (or the interrupt stops first).
+            log.warning("distributed: round %d not started early: %s", round_idx + 1, exc)
+            self._next_round = None
+
+    def _complete_round(
+        self, started: _StartedRound
+    ) -> tuple[UpdatePipeline | None, dict[str, Any]]:
+        """Train (or finish training) a started round and report it as a metrics row."""
+        s = self.settings
+        round_idx, cohort, tasks = started.round_idx, started.cohort, started.tasks
+        dropped, pipeline = started.dropped, started.pipeline
+        sent_state, sent_vector = started.sent_state, started.sent_vector
+        if started.dispatched:
+            self.engine.finish(
+                self.trainer, tasks, self.shards, sent_state, sent_vector, round_idx, pipeline
+            )
+        elif tasks:
             self.engine.run(
                 self.trainer, tasks, self.shards, sent_state, sent_vector, round_idx, pipeline
             )
@@ -429,6 +486,7 @@ class Orchestrator:
             bytes_up_uncompressed=progress.bytes_up_uncompressed + up_raw,
             base_sent=base_sent,
         )
+        self._start_next_round(round_idx)
         if round_idx % s.eval_every == 0 or round_idx == s.rounds:
             progress.last_eval = self._evaluate()
             row.update(progress.last_eval)
@@ -677,7 +735,7 @@ class Orchestrator:
         if self.silos is not None:
             test = _pooled(self._silo_totals(), "test")
             loss, acc = test["test_loss"], test["test_accuracy"]
-        elif hasattr(self.engine, "evaluate_shared"):
+        elif hasattr(self.engine, "evaluate_shared") and self._next_round is None:
             test = _pooled(self._shared_totals(), "test")
             loss, acc = test["test_loss"], test["test_accuracy"]
         else:
@@ -711,6 +769,20 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
+
+
+@dataclass
+class _StartedRound:
+    """A round sampled and configured, its clients maybe already sent to the workers."""
+
+    round_idx: int
+    cohort: list[int]
+    tasks: list[ClientTask]
+    dropped: list[Any]
+    pipeline: UpdatePipeline
+    sent_state: dict[str, torch.Tensor]
+    sent_vector: torch.Tensor
+    dispatched: bool = False
 
 
 def _pooled(totals: torch.Tensor, prefix: str) -> dict[str, float]:

@@ -152,7 +152,14 @@ def popen_cli(args, cwd):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_at_a_terminal,
     )
+
+
+def sigint_as_at_a_terminal() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into Ctrl-C (a suite
+    started in the background by a non-interactive shell inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_cli_sigkill_then_resume(tmp_path, reference):

@@ -19,6 +19,9 @@ aggregates: the final weights are bit-identical whatever the number of processes
 same ``torch_threads`` per process; the number of intra-op threads can change float
 results). The test set is evaluated by every rank, a share of its batches each, and the
 per-batch terms are added on rank 0 in batch order (the one-process figures, bit for bit).
+Between rounds the orchestrator starts the next round (:meth:`DistributedEngine.start`)
+as soon as this one is aggregated, so the workers train while rank 0 evaluates and
+checkpoints (then rank 0 evaluates alone); :meth:`DistributedEngine.finish` completes it.
 
 Failures: a worker whose messages stop for ``distributed.timeout_s`` seconds (hung or
 dead) stops the run on rank 0 with an error naming it; a worker that hears nothing from
@@ -99,6 +102,8 @@ class DistributedEngine:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # Rank 0's share of each round's work (the rest is split among the workers).
         self._share = 1.0 / self.world
+        # A round sent to the workers and not yet finished (start, then finish).
+        self._started: tuple[Any, list[Any], float] | None = None
         # Buffers kept between rounds: a worker's update batches, rank 0's received ones.
         self._send_pool: list[torch.Tensor] = []
         self._received: dict[int, torch.Tensor | None] = {}
@@ -199,6 +204,19 @@ class DistributedEngine:
         sink: UpdatePipeline,
     ) -> None:
         """Train ``tasks`` across the ranks; updates reach ``sink`` in cohort order."""
+        self.start(tasks, shards, global_state, global_vector, round_idx)
+        self.finish(trainer, tasks, shards, global_state, global_vector, round_idx, sink)
+
+    def start(
+        self,
+        tasks: Sequence[ClientTask],
+        shards: Sequence[torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        global_vector: torch.Tensor,
+        round_idx: int,
+    ) -> None:
+        """Rank 0: send the round's weights and the workers' clients (they start training);
+        :meth:`finish` trains rank 0's own clients and gathers the updates."""
         assigned = self._assign(tasks, shards)
         self._announce("round", round_idx)
         self._broadcast_weights(global_state, global_vector)
@@ -210,6 +228,25 @@ class DistributedEngine:
                 if owner == worker
             ]
             pending += isend_object(mine, worker)
+        self._started = (assigned, pending, time.perf_counter())
+
+    def finish(
+        self,
+        trainer: ClientTrainer,
+        tasks: Sequence[ClientTask],
+        shards: Sequence[torch.Tensor],
+        global_state: Mapping[str, torch.Tensor],
+        global_vector: torch.Tensor,
+        round_idx: int,
+        sink: UpdatePipeline,
+    ) -> None:
+        """Rank 0: train its own chunks of the started round and feed every update to
+        ``sink`` in cohort order."""
+        assigned, pending, sent_at = self._started
+        self._started = None
+        # Seconds rank 0 spent on other work while the workers trained (the previous
+        # round's evaluation when the round was started early): part of its load.
+        elsewhere = time.perf_counter() - sent_at
         inboxes = {
             worker: _Inbox(global_vector, self._received.get(worker))
             for worker in range(1, self.world)
@@ -223,7 +260,7 @@ class DistributedEngine:
             else:
                 self._receive(owner, chunk, round_idx, inboxes[owner], sink)
         busy = [self._receive(w, [], round_idx, inboxes[w], sink) for w in inboxes]
-        handling = time.perf_counter() - start - own_seconds
+        handling = time.perf_counter() - start - own_seconds + elsewhere
         handling -= sum(inbox.waited for inbox in inboxes.values())
         self._received = {w: inbox.batch for w, inbox in inboxes.items()}
         for work, _ in pending:
@@ -279,9 +316,16 @@ class DistributedEngine:
         """Rank 0: the global weights' evaluation terms on each of ``count`` test batches,
         the batches shared among the ranks (rank 0, busy with the rest of the round, takes
         the fewest); returned in batch order."""
-        self._announce("evaluate", count)
-        for tensor in global_state.values():
-            dist.broadcast(tensor, 0)
+        try:
+            self._announce("evaluate", count)
+            for tensor in global_state.values():
+                dist.broadcast(tensor, 0)
+        except (RuntimeError, DistributedError, KeyboardInterrupt) as exc:
+            # A worker is gone (or stopping with rank 0): rank 0 holds the test set, so the
+            # round's evaluation finishes here; the next round's start reports the loss
+            # (or the deferred interrupt checkpoints this round).
+            log.warning("distributed: evaluating on rank 0 alone: %s", _first_line(exc))
+            return list(here(list(range(count))))
         terms: list[torch.Tensor | None] = [None] * count
         mine = _eval_batches(count, self.world, 0)
         for b, row in zip(mine, here(mine)):
