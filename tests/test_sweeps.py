@@ -28,18 +28,21 @@ SMALL = [o for o in FAST if not o.startswith("client.optimizer.lr=")] + [
 ]
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "hparams_search" / "fedadam_lr.yaml"
-# The preset's search with a grid over three client learning rates, one of which diverges
-# (every client's update is NaN, so round 1 ends with no client reporting). The grid
-# sampler takes none of TPE's keys, so the preset's sweeper settings are repeated here.
+# The preset's search over three client learning rates, one of which diverges (every
+# client's update is NaN, so round 1 ends with no client reporting), drawn by a seeded
+# random sampler. Not the grid sampler: when the grid's last trial fails, Optuna 2.10's
+# grid sampler calls Study.stop outside an objective and the sweep ends with a RuntimeError.
 DIVERGING = """\
 # @package _global_
 defaults:
   - override /strategy: fedadam
   - override /hydra/sweeper: optuna
-  - override /hydra/sweeper/sampler: grid
+  - override /hydra/sweeper/sampler: random
 hydra:
   mode: MULTIRUN
   sweeper:
+    sampler:
+      seed: 2  # draws lr 1e6, 0.05, 0.2: the diverging trial first
     direction: maximize
     n_trials: 3
     n_jobs: 1
