@@ -68,9 +68,9 @@ def references(tmp_path_factory) -> References:
     return References(tmp_path_factory)
 
 
-# The default suite runs FedAvg on two ranks and SCAFFOLD (per-client state sent out with
-# the tasks) on three, which does not divide the cohort; the rest is slow.
-DEFAULT_CASES = {("fedavg", 2), ("scaffold", 3)}
+# The default suite runs FedAvg on one rank (no workers) and two, and SCAFFOLD (per-client
+# state sent out with the tasks) on three, which does not divide the cohort; the rest is slow.
+DEFAULT_CASES = {("fedavg", 1), ("fedavg", 2), ("scaffold", 3)}
 CASES = [
     pytest.param(
         name,

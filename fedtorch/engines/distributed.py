@@ -174,7 +174,7 @@ class DistributedEngine:
         (moved half way each round, so a noisy round moves it little)."""
         work = own[1] + sum(w[1] for w in workers)
         seconds = own[0] + sum(w[0] for w in workers)
-        if work <= 0 or seconds <= 0:
+        if self.world == 1 or work <= 0 or seconds <= 0:
             return
         overall = seconds / work
         rate0 = own[0] / own[1] if own[1] > 0 else overall
