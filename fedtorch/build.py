@@ -221,9 +221,9 @@ def _setup_silos(
     spec = OmegaConf.to_container(cfg.data, resolve=True)
     natural = "clients" in _accepted(cfg.partition._target_, ("clients",), "partition")
     specs = silo_specs(spec, spec.pop("silos"), natural)
-    distributed_run = str(cfg.engine.get("_target_", "")).endswith("DistributedEngine")
+    # Under torchrun only engine=distributed gets this far (train._check_distributed).
     local, rank_of_silo = served_silos(
-        len(specs), cfg.distributed.get("silo"), distributed_run and dist.is_initialized()
+        len(specs), cfg.distributed.get("silo"), dist.is_initialized()
     )
     if cfg.eval_local or (cfg.eval_clients and rank_of_silo is not None):
         key = "eval_local" if cfg.eval_local else "eval_clients"

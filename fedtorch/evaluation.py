@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -41,9 +43,24 @@ def evaluation_totals(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=x.device)
     for xb, yb in in_order(x, y, batch_size, rows):
-        stats = task.per_sample(model(xb), yb)
-        totals += torch.stack([s.sum(dtype=torch.float64) for s in stats])
+        totals += _terms(model, xb, yb, task)
     return totals
+
+
+def _terms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task) -> torch.Tensor:
+    """One batch's summed loss, loss count, hits and predictions, float64 [4]: the only
+    place they are computed, so totals made batch by batch anywhere agree bit for bit."""
+    stats = task.per_sample(model(x), y)
+    return torch.stack([s.sum(dtype=torch.float64) for s in stats])
+
+
+def add_in_order(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Evaluation terms (float64 [4] each) added one after another, from zero, on the CPU:
+    the same order gives the same bits."""
+    total = torch.zeros(4, dtype=torch.float64)
+    for term in terms:
+        total += term.cpu()
+    return total
 
 
 @torch.inference_mode()
@@ -63,8 +80,7 @@ def batch_totals(
     for i, b in enumerate(batches):
         rows = torch.arange(b * batch_size, min((b + 1) * batch_size, len(y)))
         for xb, yb in in_order(x, y, batch_size, rows):
-            stats = task.per_sample(model(xb), yb)
-            out[i] = torch.stack([s.sum(dtype=torch.float64) for s in stats]).cpu()
+            out[i] = _terms(model, xb, yb, task).cpu()
     return out
 
 

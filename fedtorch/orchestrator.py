@@ -25,6 +25,7 @@ from fedtorch.distributed import DistributedError
 from fedtorch.engines.distributed import SummedRound
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.evaluation import (
+    add_in_order,
     batch_totals,
     evaluate,
     evaluation_totals,
@@ -296,11 +297,8 @@ class Orchestrator:
         """Sample, configure and train one round's clients, their updates streaming into
         the round's pipeline; changes no server state. A round the distributed engine
         started early (:meth:`_start_next_round`) is finished here."""
-        started = self._next_round
-        self._next_round = None
-        if started is None or started.round_idx != round_idx:
-            started = self._start_round(round_idx)
-        return self._complete_round(started)
+        started, self._next_round = self._next_round, None
+        return self._complete_round(started or self._start_round(round_idx))
 
     def _start_round(self, round_idx: int) -> _StartedRound:
         """A round's cohort, tasks and pipeline; with an engine that can, the workers are
@@ -361,7 +359,7 @@ class Orchestrator:
         sent_state, sent_vector = started.sent_state, started.sent_vector
         if started.dispatched:
             self.engine.finish(
-                self.trainer, tasks, self.shards, sent_state, sent_vector, round_idx, pipeline
+                self.trainer, self.shards, sent_state, sent_vector, round_idx, pipeline
             )
         elif tasks:
             self.engine.run(
@@ -701,11 +699,9 @@ class Orchestrator:
         """engine=distributed: the test batches are evaluated by every rank, and the
         per-batch terms added in batch order (the one-process totals, bit for bit)."""
         count = num_batches(len(self.data.test_y), self.settings.eval_batch_size)
-        terms = self.engine.evaluate_shared(self.global_state, count, self.test_batch_totals)
-        total = torch.zeros(4, dtype=torch.float64)
-        for row in terms:
-            total += row
-        return total
+        return add_in_order(
+            self.engine.evaluate_shared(self.global_state, count, self.test_batch_totals)
+        )
 
     def _silo_totals(self) -> torch.Tensor:
         """Federated evaluation: every silo's totals on its own test split (the other
@@ -714,10 +710,7 @@ class Orchestrator:
             per_silo = self.engine.evaluate_silos(self.global_state, self.silo_totals_here)
         else:
             per_silo = self.silo_totals_here()
-        total = torch.zeros(4, dtype=torch.float64)
-        for silo in sorted(per_silo):
-            total += per_silo[silo]
-        return total
+        return add_in_order(per_silo[silo] for silo in sorted(per_silo))
 
     def _owner_map(self) -> torch.Tensor:
         """owner[i] = client holding training sample i, -1 if none (for per-client eval)."""

@@ -103,7 +103,7 @@ class DistributedEngine:
         # Rank 0's share of each round's work (the rest is split among the workers).
         self._share = 1.0 / self.world
         # A round sent to the workers and not yet finished (start, then finish).
-        self._started: tuple[Any, list[Any], float] | None = None
+        self._started: tuple[Any, list[float], list[Any], float] | None = None
         # Buffers kept between rounds: a worker's update batches, rank 0's received ones.
         self._send_pool: list[torch.Tensor] = []
         self._received: dict[int, torch.Tensor | None] = {}
@@ -133,37 +133,39 @@ class DistributedEngine:
 
     def _assign(
         self, tasks: Sequence[ClientTask], shards: Sequence[torch.Tensor]
-    ) -> list[tuple[int, list[ClientTask]]]:
-        """(rank, chunk) pairs in cohort order. Chunks are contiguous runs of
-        ``chunk_size`` clients; rank 0 takes the first ones, about ``_share`` of the
-        round's work (samples to train), and the workers the rest in equal contiguous
-        blocks. With silos, a chunk is a run of clients held by one rank, cut at
+    ) -> tuple[list[tuple[int, list[ClientTask]]], list[float]]:
+        """(rank, chunk) pairs in cohort order, and each rank's work (samples or steps to
+        train). Chunks are contiguous runs of ``chunk_size`` clients; rank 0 takes the
+        first ones, about ``_share`` of the round's work, and the workers the rest in equal
+        contiguous blocks. With silos, a chunk is a run of clients held by one rank, cut at
         ``chunk_size``. Who trains a client does not change its update, so the split only
         moves time around."""
         c = self.chunk_size
+        assigned: list[tuple[int, list[ClientTask]]] = []
         if self._owner is not None:
-            assigned: list[tuple[int, list[ClientTask]]] = []
             for task in tasks:
                 owner = self._owner(task.client_id)
                 if assigned and assigned[-1][0] == owner and len(assigned[-1][1]) < c:
                     assigned[-1][1].append(task)
                 else:
                     assigned.append((owner, [task]))
-            return assigned
-        chunks = [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
-        if self.world == 1:
-            return [(0, chunk) for chunk in chunks]
-        costs = [sum(_cost(t, shards) for t in chunk) for chunk in chunks]
-        total = float(sum(costs)) or 1.0
-        first = self._share * total
-        bounds = [first + (total - first) * w / (self.world - 1) for w in range(self.world)]
-        assigned, done = [], 0.0
-        for chunk, cost in zip(chunks, costs):
-            middle = done + cost / 2
-            owner = next((r for r, bound in enumerate(bounds) if middle < bound), self.world - 1)
-            assigned.append((owner, chunk))
-            done += cost
-        return assigned
+        else:
+            chunks = [list(tasks[i : i + c]) for i in range(0, len(tasks), c)]
+            costs = [sum(_cost(t, shards) for t in chunk) for chunk in chunks]
+            total = float(sum(costs)) or 1.0
+            first = self._share * total
+            rest = max(self.world - 1, 1)
+            bounds = [first + (total - first) * w / rest for w in range(self.world)]
+            done = 0.0
+            for chunk, cost in zip(chunks, costs):
+                middle = done + cost / 2
+                owner = next((r for r, b in enumerate(bounds) if middle < b), self.world - 1)
+                assigned.append((owner, chunk))
+                done += cost
+        load = [0.0] * self.world
+        for owner, chunk in assigned:
+            load[owner] += sum(_cost(t, shards) for t in chunk)
+        return assigned, load
 
     def _adapt(
         self, own: tuple[float, float], handling: float, workers: list[tuple[float, float]]
@@ -205,7 +207,7 @@ class DistributedEngine:
     ) -> None:
         """Train ``tasks`` across the ranks; updates reach ``sink`` in cohort order."""
         self.start(tasks, shards, global_state, global_vector, round_idx)
-        self.finish(trainer, tasks, shards, global_state, global_vector, round_idx, sink)
+        self.finish(trainer, shards, global_state, global_vector, round_idx, sink)
 
     def start(
         self,
@@ -217,7 +219,7 @@ class DistributedEngine:
     ) -> None:
         """Rank 0: send the round's weights and the workers' clients (they start training);
         :meth:`finish` trains rank 0's own clients and gathers the updates."""
-        assigned = self._assign(tasks, shards)
+        assigned, load = self._assign(tasks, shards)
         self._announce("round", round_idx)
         self._broadcast_weights(global_state, global_vector)
         pending = []
@@ -228,12 +230,11 @@ class DistributedEngine:
                 if owner == worker
             ]
             pending += isend_object(mine, worker)
-        self._started = (assigned, pending, time.perf_counter())
+        self._started = (assigned, load, pending, time.perf_counter())
 
     def finish(
         self,
         trainer: ClientTrainer,
-        tasks: Sequence[ClientTask],
         shards: Sequence[torch.Tensor],
         global_state: Mapping[str, torch.Tensor],
         global_vector: torch.Tensor,
@@ -242,7 +243,7 @@ class DistributedEngine:
     ) -> None:
         """Rank 0: train its own chunks of the started round and feed every update to
         ``sink`` in cohort order."""
-        assigned, pending, sent_at = self._started
+        assigned, load, pending, sent_at = self._started
         self._started = None
         # Seconds rank 0 spent on other work while the workers trained (the previous
         # round's evaluation when the round was started early): part of its load.
@@ -268,11 +269,8 @@ class DistributedEngine:
         if self.collective == "allreduce":
             sink.aggregator.reduce()
         if self._owner is None:
-            work = [0.0] * self.world
-            for owner, chunk in assigned:
-                work[owner] += sum(_cost(t, shards) for t in chunk)
-            workers = [(b, work[w + 1]) for w, b in enumerate(busy)]
-            self._adapt((own_seconds, work[0]), max(0.0, handling), workers)
+            workers = [(b, load[w + 1]) for w, b in enumerate(busy)]
+            self._adapt((own_seconds, load[0]), max(0.0, handling), workers)
 
     def _receive(
         self,
