@@ -3,10 +3,14 @@
 Every mistake a user can make (a bad config value, missing data files) is raised as a
 :class:`FedtorchError` subclass whose message is one readable line. The command-line entry
 point prints that line without a traceback; set ``FEDTORCH_FULL_ERROR=1`` (or
-``HYDRA_FULL_ERROR=1``) to see the traceback as well.
+``HYDRA_FULL_ERROR=1``) to see the traceback as well. A feature whose optional dependency
+is missing says which extra installs it (:func:`require`).
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 
 class FedtorchError(Exception):
@@ -27,3 +31,14 @@ class ConfigError(FedtorchError):
 
 class DataError(FedtorchError):
     """Data files are missing, corrupt, or inconsistent with the config."""
+
+
+def require(module: str, key: str, feature: str, extra: str = "llm") -> ModuleType:
+    """``import module``, or a one-line ConfigError on ``key``: ``feature`` needs it, and
+    ``pip install "fedtorch[extra]"`` brings it. Every room may call it, so it lives here."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            key, f'{feature} needs {module}: pip install "fedtorch[{extra}]" ({exc})'
+        ) from exc

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from fedtorch.distributed import run_dir_override
+from fedtorch.engines.process_group import run_dir_override
 
 RENDEZVOUS = (
     "--nnodes",

@@ -106,3 +106,20 @@ class RoundResults:
         """[K] float tensor of the clients' sample counts, on the deltas' device."""
         counts = [float(c.num_samples) for c in self.clients]
         return torch.tensor(counts, device=self.deltas.device, dtype=self.deltas.dtype)
+
+
+def weighted_train_metrics(clients: list[ClientResult]) -> dict[str, float]:
+    """Sample-weighted mean of the clients' local training loss and accuracy (and, under
+    client=dpsgd, the largest sample-level epsilon any of them has spent so far)."""
+    total = sum(r.num_samples for r in clients)
+    if total == 0:
+        return {}
+    out = {
+        key: sum(r.metrics[key] * r.num_samples for r in clients) / total
+        for key in ("train_loss", "train_accuracy")
+        if all(key in r.metrics for r in clients)
+    }
+    epsilons = [r.metrics["epsilon"] for r in clients if "epsilon" in r.metrics]
+    if epsilons:
+        out["client_epsilon_max"] = max(epsilons)
+    return out

@@ -22,11 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from fedtorch import checkpoint, distributed
-from fedtorch.build import build, resume_target
-from fedtorch.checkpoint import Interrupted
+from fedtorch.config.build import build, resume_target
+from fedtorch.config.hydra_errors import precheck
+from fedtorch.engines import process_group
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.hydra_errors import precheck
+from fedtorch.logging.files import atomic_write_bytes
+from fedtorch.server import checkpoint
+from fedtorch.server.checkpoint import Interrupted
 
 log = logging.getLogger("fedtorch")
 
@@ -42,16 +44,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """
     resumed_dir, _ = resume_target(cfg)
     run_dir = resumed_dir or Path(run_dir)
-    if distributed.launched():
+    if process_group.launched():
         _check_distributed(cfg)
-        if distributed.rank() != 0:
+        if process_group.rank() != 0:
             _serve(cfg)
             return {}
         cfg = _resume_after_restart(cfg, run_dir)
     orchestrator = build(cfg, run_dir)
-    checkpoint.atomic_write_bytes(
-        run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode()
-    )
+    atomic_write_bytes(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     part = orchestrator.extra_summary["partition"]
     log.info(
         "%s: %d clients (size min %d / median %.0f / max %d, %.2f classes each), %d per round, "
@@ -85,12 +85,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def _check_distributed(cfg: DictConfig) -> None:
     """Under torchrun: every rank composed the same config, and the engine is the
     distributed one (any other would train every client on every rank)."""
-    distributed.check_config(cfg)
+    process_group.check_config(cfg)
     target = cfg.engine.get("_target_", "")
     if not str(target).endswith("DistributedEngine"):
         raise ConfigError(
             "engine",
-            f"launched as {distributed.world_size()} processes, but engine={target} would "
+            f"launched as {process_group.world_size()} processes, but engine={target} would "
             "train every client on every rank; use engine=distributed",
         )
 
@@ -118,11 +118,11 @@ def _serve(cfg: DictConfig) -> None:
 
         def evaluate_here() -> dict:
             orchestrator.model.load_state_dict(orchestrator.global_state)
-            return orchestrator.silo_totals_here()
+            return orchestrator.evaluator.silo_totals_here()
 
         def evaluate_batches(batches: list[int]) -> torch.Tensor:
             orchestrator.model.load_state_dict(orchestrator.global_state)
-            return orchestrator.test_batch_totals(batches)
+            return orchestrator.evaluator.test_batch_totals(batches)
 
         orchestrator.engine.serve(
             orchestrator.trainer,
@@ -173,8 +173,8 @@ def main(cfg: DictConfig) -> float | None:
             run_dir = stop.path.parent.parent
             kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume")]
             launcher = "python -m fedtorch.train"
-            if distributed.launched():
-                launcher = f"fedtorch-run --nproc_per_node={distributed.world_size()} --"
+            if process_group.launched():
+                launcher = f"fedtorch-run --nproc_per_node={process_group.world_size()} --"
             command = " ".join([launcher, *kept, f"resume={run_dir}"])
             print(f"checkpoint: {stop.path}\nresume with: {command}", file=sys.stderr)
         sys.exit(130)
@@ -197,7 +197,7 @@ def _trial_failure(exc: FedtorchError, hydra_cfg: Any) -> bool:
 
 def _ctrl_c(signum: int, frame: object) -> None:
     """Ctrl-C: note it (a peer rank that vanishes now was stopped too) and interrupt."""
-    distributed.note_stop()
+    process_group.note_stop()
     raise KeyboardInterrupt
 
 
@@ -205,7 +205,7 @@ def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
     """SIGTERM (what schedulers and torchrun send before killing) acts like Ctrl-C: the
     SIGINT handler in force runs (deferred inside a round's critical section), or
     KeyboardInterrupt is raised."""
-    distributed.note_stop()
+    process_group.note_stop()
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
@@ -240,24 +240,24 @@ def cli() -> None:
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     _handle_signals()
-    if distributed.launched():
-        sys.argv = [sys.argv[0], *distributed.start(sys.argv[1:])]
+    if process_group.launched():
+        sys.argv = [sys.argv[0], *process_group.start(sys.argv[1:])]
     try:
         main()
     except KeyboardInterrupt:  # a worker rank stopped by Ctrl-C / SIGTERM
         _leave(130)
     except SystemExit as stop:
-        if distributed.launched() and stop.code not in (0, None):
+        if process_group.launched() and stop.code not in (0, None):
             _leave(stop.code if isinstance(stop.code, int) else 1)
         raise
-    distributed.finish()
+    process_group.finish()
 
 
 def _leave(code: int) -> None:
     """Exit now. Under torchrun, a rank that stops early must not wait for its peers: the
     process group's teardown would wait for messages in flight to peers that are stopping
     too. Exiting at once closes the connections, which is what the peers notice."""
-    if not distributed.launched():
+    if not process_group.launched():
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedtorch import checkpoint
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.server import checkpoint
 from fedtorch.train import train
 from tests.conftest import REPO, compose_config
 

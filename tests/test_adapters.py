@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.models import GPT
 from tests.conftest import compose_config

@@ -8,7 +8,7 @@ from torch import nn
 
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientResult, RoundResults
-from fedtorch.state import StateLayout, aggregate_max
+from fedtorch.state.layout import StateLayout, aggregate_max
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.aggregate import weighted_average
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtorch.client import ClientTrainer
-from fedtorch.client_state import ClientStateStore
+from fedtorch.client.trainer import ClientTrainer
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientResult, ClientTask, RoundResults, resolve
-from fedtorch.state import StateLayout
+from fedtorch.state.client_store import ClientStateStore
+from fedtorch.state.layout import StateLayout
 from fedtorch.strategies import FedDyn, FedNova, RunContext, Scaffold
 from fedtorch.strategies.fednova import local_normalizer
 
@@ -204,7 +204,7 @@ def test_client_state_store_on_disk(tmp_path):
 
 
 def test_disk_client_state_in_a_run_matches_memory(tmp_path):
-    from fedtorch.build import build
+    from fedtorch.config.build import build
     from tests.conftest import FAST, compose_config
 
     runs = {}

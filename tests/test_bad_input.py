@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from fedtorch.build import build, resume_target
+from fedtorch.config.build import build, resume_target
+from fedtorch.config.hydra_errors import precheck
 from fedtorch.errors import FedtorchError
-from fedtorch.hydra_errors import precheck
 from tests.bad_inputs import CASES
 from tests.conftest import FAST, REPO, compose_config, run_cli
 from tests.test_data import write_mnist_like

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from fedtorch import checkpoint
 from fedtorch.compression import Compression
 from fedtorch.compression.bits import pack_bits, packed_bytes, unpack_bits
 from fedtorch.compression.compressors import (
@@ -24,7 +23,8 @@ from fedtorch.compression.compressors import (
 from fedtorch.errors import ConfigError
 from fedtorch.pipeline.pipeline import RejectedUpdate
 from fedtorch.results import ClientResult
-from fedtorch.state import KeySpec, StateLayout
+from fedtorch.server import checkpoint
+from fedtorch.state.layout import KeySpec, StateLayout
 from fedtorch.train import train
 from tests.conftest import FAST, compose_config
 
@@ -254,7 +254,7 @@ def test_int8_downlink_counts_its_bytes_and_clients_train_from_the_decoded_copy(
 def test_privacy_clips_the_decoded_update(tmp_path):
     """Unbiased rand-k multiplies what it keeps by P/k, far past the clip norm; the DP
     step comes after decoding, so every released update is still within the clip."""
-    from fedtorch.build import build
+    from fedtorch.config.build import build
 
     cfg = compose_config(
         [

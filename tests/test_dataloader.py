@@ -156,7 +156,7 @@ class CountingDataset(torch.utils.data.Dataset):
 
 
 def test_dataset_pair_reads_labels_then_samples_through_the_loader():
-    from fedtorch.build import _setup_data
+    from fedtorch.config.build import _setup_data
     from tests.plugins import blobs
 
     bundle = blobs(50)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.launch import command
 from tests.conftest import FAST, REPO, compose_config, run_cli

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from tests.conftest import FAST_NO_MODEL, compose_config
 

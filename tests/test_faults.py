@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from fedtorch.build import build
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.config.build import build
 from fedtorch.errors import FedtorchError
 from tests.conftest import FAST, compose_config
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
-from fedtorch.lora_exact import ExactLoRARound, lora_pairs
 from fedtorch.results import ClientResult
-from fedtorch.state import StateLayout
+from fedtorch.state.layout import StateLayout
 from fedtorch.strategies import FedAvg
 from fedtorch.strategies.fedavg import MeanAggregator
+from fedtorch.strategies.lora_exact import ExactLoRARound, lora_pairs
 from tests.conftest import compose_config
 from tests.kill_child import run_and_kill
 from tests.shakespeare_fixture import fixture_run, write_plays

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from tests.conftest import FAST, FAST_NO_MODEL, compose_config
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtorch.build import build
-from fedtorch.client_state import ClientStateStore
+from fedtorch.config.build import build
 from fedtorch.pipeline.pipeline import RejectedUpdate, UpdatePipeline, check_finite
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientFailure, ClientResult
+from fedtorch.state.client_store import ClientStateStore
 from fedtorch.strategies import FedAvg, Scaffold
+from fedtorch.strategies.rows import RowStore
 from tests.conftest import FAST, compose_config
 from tests.test_algorithms import context
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from tests.conftest import FAST, compose_config
 from tests.shakespeare_fixture import write_plays

@@ -10,7 +10,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.privacy import DifferentialPrivacy, calibrate_noise, clip_rows
 from fedtorch.privacy.secagg import SecAggError, SecureAggregation, reconstruct, share
@@ -202,9 +202,9 @@ def test_poisson_sampling_and_unsupported_strategies(tmp_path):
 
 
 def test_dpsgd_step_is_the_clipped_noised_mean_of_per_sample_gradients():
-    from fedtorch.privacy.dpsgd import DPSGDTrainer
+    from fedtorch.client.dpsgd import DPSGDTrainer
     from fedtorch.results import ClientTask
-    from fedtorch.state import StateLayout
+    from fedtorch.state.layout import StateLayout
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtorch import checkpoint
 from fedtorch.errors import ConfigError, DataError
+from fedtorch.server import checkpoint
 from fedtorch.train import train
 from tests.conftest import FAST, REPO, compose_config, run_cli
 from tests.kill_child import run_and_kill
@@ -199,7 +199,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path, reference):
 
 
 def test_checkpoints_from_before_added_keys_resume_while_the_keys_keep_neutral_values():
-    from fedtorch.checkpoint import config_differences
+    from fedtorch.server.checkpoint import config_differences
 
     old = {"rounds": 5, "seed": 0}
     assert config_differences(old, {**old, "precision": 32, "data.plays": None}) == []

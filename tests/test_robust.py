@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from fedtorch.errors import ConfigError, FedtorchError
-from fedtorch.pipeline.rows import BLOCK_OVERHEAD, RowStore
 from fedtorch.results import ClientResult, RoundResults
 from fedtorch.strategies import Bulyan, CoordinateMedian, Krum, RunContext, TrimmedMean
 from fedtorch.strategies import aggregate as agg
+from fedtorch.strategies.rows import BLOCK_OVERHEAD, RowStore
 
 # Five clients; the last is an attacker far away.
 U = torch.tensor(

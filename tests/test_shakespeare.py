@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedtorch.build import build
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.config.build import build
 from fedtorch.data import fetch, text
 from fedtorch.data.shakespeare import (
     find_texts,
@@ -21,13 +21,13 @@ from fedtorch.data.shakespeare import (
     roles_of,
     shakespeare,
 )
+from fedtorch.data.tasks import LanguageModel
 from fedtorch.errors import ConfigError, DataError
-from fedtorch.evaluation import evaluate
 from fedtorch.models import CharLSTM
 from fedtorch.results import ClientResult
-from fedtorch.state import StateLayout
+from fedtorch.server.evaluation import evaluate
+from fedtorch.state.layout import StateLayout
 from fedtorch.strategies import FedAvg
-from fedtorch.tasks import LanguageModel
 from tests.conftest import REPO, compose_config, run_cli
 from tests.shakespeare_fixture import (
     COMPLETE_WORKS,

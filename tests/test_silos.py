@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
-from fedtorch.evaluation import evaluate
+from fedtorch.server.evaluation import evaluate
 from fedtorch.train import train
 from tests.conftest import REPO, compose_config, run_cli
 from tests.test_data import idx_bytes

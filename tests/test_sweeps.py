@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from fedtorch import report
+from fedtorch.config.hydra_errors import precheck
 from fedtorch.errors import ConfigError
-from fedtorch.hydra_errors import precheck
 from tests.conftest import FAST, run_cli
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs fedtorch[sweep]")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from fedtorch.attacks import Attack
-from fedtorch.build import build
+from fedtorch.client.attacks import Attack
+from fedtorch.client.heterogeneity import SystemHeterogeneity
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
-from fedtorch.heterogeneity import SystemHeterogeneity
 from fedtorch.results import ClientResult, ClientTask, RoundResults
 from tests.conftest import FAST, compose_config
 

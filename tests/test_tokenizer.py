@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.data.shakespeare import shakespeare
 from fedtorch.errors import ConfigError
 from tests.conftest import compose_config

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fedtorch.build import build
-from fedtorch.checkpoint import Interrupted
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
+from fedtorch.server.checkpoint import Interrupted
 from fedtorch.train import train
 from tests.conftest import FAST, compose_config
 
@@ -242,7 +242,7 @@ def test_a_failed_or_interrupted_run_ends_the_mlflow_run_so(
 ):
     from mlflow.tracking import MlflowClient
 
-    from fedtorch.orchestrator import Orchestrator
+    from fedtorch.server.orchestrator import Orchestrator
 
     def evaluate(self, *args, **kwargs):
         raise error

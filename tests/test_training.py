@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from fedtorch.build import build
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientTask
-from fedtorch.sampling import cohort_size, sample_clients
+from fedtorch.server.sampling import cohort_size, sample_clients
 from fedtorch.train import train
 from tests.conftest import FAST, FMNIST_DIR, compose_config
 
@@ -61,7 +61,7 @@ def test_eval_every_and_metrics_rows(tmp_path):
 
 def test_local_steps_and_epochs():
     model = torch.nn.Linear(2, 2)
-    from fedtorch.state import StateLayout
+    from fedtorch.state.layout import StateLayout
 
     layout = StateLayout(model.state_dict())
     x, y = torch.randn(25, 2), torch.randint(0, 2, (25,))
@@ -148,7 +148,7 @@ def test_real_fashion_mnist_two_rounds(tmp_path):
 
 def test_fedprox_local_update_by_hand():
     """Two local SGD steps with the proximal term: w <- w - lr (g(w) + mu (w - w_t))."""
-    from fedtorch.state import StateLayout
+    from fedtorch.state.layout import StateLayout
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)

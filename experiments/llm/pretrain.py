@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from fedtorch.data.shakespeare import find_texts, shakespeare
-from fedtorch.evaluation import evaluate
 from fedtorch.models import GPT
+from fedtorch.server.evaluation import evaluate
 
 HERE = Path(__file__).resolve().parent
 

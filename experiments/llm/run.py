@@ -227,8 +227,8 @@ def measure_baseline() -> None:
 
     from hydra import compose, initialize_config_module
 
-    from fedtorch.build import build
-    from fedtorch.evaluation import evaluate
+    from fedtorch.config.build import build
+    from fedtorch.server.evaluation import evaluate
 
     overrides = [*base_overrides(), "adapter=none", "logger=quiet", "torch_threads=2"]
     with initialize_config_module(config_module="fedtorch.configs", version_base="1.3"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 
 
 def status_mb(field: str) -> float:

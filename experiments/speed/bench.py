@@ -29,8 +29,8 @@ from hydra import compose, initialize_config_module
 from memory import TreeMemorySampler
 
 from fedtorch import seeding
-from fedtorch.build import build
-from fedtorch.sampling import sample_clients
+from fedtorch.config.build import build
+from fedtorch.server.sampling import sample_clients
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))

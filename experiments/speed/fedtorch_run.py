@@ -14,7 +14,7 @@ import sys
 from hydra import compose, initialize_config_module
 from memory import process_age_s
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 
 
 def main(run_dir: str, overrides: list[str]) -> None:

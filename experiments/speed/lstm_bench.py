@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 from fedtorch.results import ClientTask
-from fedtorch.sampling import sample_clients
+from fedtorch.server.sampling import sample_clients
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 
-from fedtorch.build import build
+from fedtorch.config.build import build
 
 HERE = Path(__file__).resolve().parent
 

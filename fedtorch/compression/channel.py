@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from fedtorch import seeding
-from fedtorch.client_state import STORAGES, ClientStateStore
 from fedtorch.compression.compressors import (
     QSGD,
     Compressor,
@@ -57,7 +56,8 @@ from fedtorch.compression.compressors import (
 from fedtorch.errors import ConfigError
 from fedtorch.pipeline.pipeline import RejectedUpdate, all_finite
 from fedtorch.results import ClientResult
-from fedtorch.state import StateLayout
+from fedtorch.state.client_store import STORAGES, ClientStateStore
+from fedtorch.state.layout import StateLayout
 
 KINDS = ("none", "fp16", "bf16", "int8", "qsgd", "topk", "randk", "signsgd", "powersgd")
 DOWNLINK_KINDS = ("none", "fp16", "bf16", "int8")
@@ -253,6 +253,19 @@ class Compression:
         """The global vector as clients decode it, and the bytes of one copy."""
         message = self.broadcaster.encode(vector)
         return self.broadcaster.decode(message).to(vector.dtype), message.nbytes
+
+    def summary(
+        self, bytes_up: int, bytes_up_uncompressed: int, bytes_down_uncompressed: int
+    ) -> dict[str, Any]:
+        """What ``summary.json`` records of the run's compression and its byte counts."""
+        return {
+            "compression": self.kind,
+            "error_feedback": self.error_feedback,
+            "downlink_compression": self.downlink,
+            "bytes_up_uncompressed": bytes_up_uncompressed,
+            "bytes_down_uncompressed": bytes_down_uncompressed,
+            "compression_ratio": bytes_up_uncompressed / bytes_up if bytes_up else None,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": self.residuals.state_dict() if self.residuals else {}}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedtorch.compression.bits import pack_bits, unpack_bits
-from fedtorch.state import KeySpec
+from fedtorch.state.layout import KeySpec
 
 
 @dataclass

@@ -25,8 +25,8 @@ import torch
 from fedtorch import seeding
 from fedtorch.data.idx import read_idx
 from fedtorch.data.loading import DatasetInputs, labels_of
+from fedtorch.data.tasks import Classification, Task
 from fedtorch.errors import ConfigError, DataError
-from fedtorch.tasks import Classification, Task
 
 
 @dataclass
@@ -43,7 +43,7 @@ class DataBundle:
         test_y: labels or targets for ``test_x``.
         num_classes: number of classes (the vocabulary size for a language model).
         name: short name used in logs.
-        task: what the labels mean (:mod:`fedtorch.tasks`): classification by default.
+        task: what the labels mean (:mod:`fedtorch.data.tasks`): classification by default.
         client_indices: the dataset's own clients (``partition=natural``): one tensor of
             training-row indices per client, or None.
         client_names: a name per natural client (for logs and ``dataset.json``).

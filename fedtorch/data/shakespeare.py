@@ -246,7 +246,7 @@ def shakespeare(
         statistics written to the run folder as ``dataset.json``.
     """
     from fedtorch.data.datasets import DataBundle
-    from fedtorch.tasks import LanguageModel
+    from fedtorch.data.tasks import LanguageModel
 
     check_length(sequence_length)
     if isinstance(train_fraction, bool) or not 0 < train_fraction <= 1:

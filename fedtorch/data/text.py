@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedtorch.errors import ConfigError
-from fedtorch.extras import require
+from fedtorch.errors import ConfigError, require
 
 # TFF's (and Reddi et al. 2021's) Shakespeare character set, in its order.
 CHARS = "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"

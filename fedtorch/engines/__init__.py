@@ -1,4 +1,9 @@
-"""Engines decide how a round's clients execute (one after another, batched, distributed)."""
+"""Engines decide how a round's clients execute (one after another, batched, distributed).
+
+Also :mod:`~fedtorch.engines.process_group`: the torch.distributed process group (start,
+ranks, messages between ranks). May import the leaves, :mod:`fedtorch.client`,
+:mod:`fedtorch.pipeline`, :mod:`fedtorch.strategies`, :mod:`fedtorch.data`.
+"""
 
 from fedtorch.engines.distributed import DistributedEngine
 from fedtorch.engines.sequential import SequentialEngine

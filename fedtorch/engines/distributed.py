@@ -43,8 +43,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fedtorch.client import ClientTrainer
-from fedtorch.distributed import DistributedError, isend_object, lost_peer, recv_object
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.engines.process_group import DistributedError, isend_object, lost_peer, recv_object
 from fedtorch.errors import ConfigError
 from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
@@ -98,7 +98,7 @@ class DistributedEngine:
         self._owner: Callable[[int], int] | None = None
 
         # Everything goes over the default group (gloo, plus NCCL for CUDA tensors), made at
-        # start-up with the run's timeout (fedtorch.distributed.start).
+        # start-up with the run's timeout (fedtorch.engines.process_group.start).
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # Rank 0's share of each round's work (the rest is split among the workers).
         self._share = 1.0 / self.world

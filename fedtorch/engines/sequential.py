@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
 from fedtorch.errors import FedtorchError
 from fedtorch.pipeline.pipeline import UpdateSink
 from fedtorch.results import ClientFailure, ClientTask

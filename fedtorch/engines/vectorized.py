@@ -37,7 +37,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from fedtorch import seeding
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
 from fedtorch.engines.sequential import reusable_buffer
 from fedtorch.errors import ConfigError, FedtorchError
 from fedtorch.pipeline.pipeline import UpdateSink

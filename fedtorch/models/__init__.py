@@ -3,6 +3,10 @@
 ``input_shape`` and ``num_classes`` (and ``vocab_size`` for a language-model dataset) are
 filled in from the dataset by the builder when the constructor accepts them, so a user's own
 model needs none of them.
+
+Adapters (LoRA through peft) live in :mod:`~fedtorch.models.adapters`.
+
+May import only the leaves.
 """
 
 from fedtorch.models.cnn import McMahanCNN, SimpleCNN

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtorch.errors import ConfigError
-from fedtorch.extras import require
+from fedtorch.errors import ConfigError, require
 
 HEADS = ("causal_lm", "sequence_classification")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -75,6 +76,9 @@ class NoPrivacy:
 
     def round_allowed(self) -> bool:
         return True
+
+    def summary(self, stopped_by_budget: bool) -> dict[str, Any]:
+        return {}
 
     def state_dict(self) -> dict:
         return {}
@@ -251,6 +255,17 @@ class DifferentialPrivacy:
         return mean, {
             "epsilon": self.accountant.epsilon(self.delta),
             "clip_norm": clip_used,
+        }
+
+    def summary(self, stopped_by_budget: bool) -> dict[str, Any]:
+        """What ``summary.json`` records of the run's privacy."""
+        return {
+            "epsilon": self.accountant.epsilon(self.delta),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "privacy_mode": self.mode,
+            "client_sampling": self.sampling,
+            "stopped_by_privacy_budget": stopped_by_budget,
         }
 
     def state_dict(self) -> dict:

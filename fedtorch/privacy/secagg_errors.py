@@ -30,8 +30,3 @@ class SecAggProtocolError(SecAggPlusError):
 
 class SecAggInputError(SecAggPlusError):
     """An input vector or parameter is outside what the protocol accepts."""
-
-
-def one_line(text: str) -> str:
-    """``text`` with any line breaks folded into spaces (error messages are one line)."""
-    return " ".join(text.split())

@@ -63,7 +63,7 @@ def lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
             if i != j:
                 num = num * xj % PRIME
                 den = den * (xj - xi) % PRIME
-        coefficients.append(num * pow(den, PRIME - 2, PRIME) % PRIME)
+        coefficients.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(coefficients)
 
 
@@ -83,7 +83,7 @@ def combine(shares: Mapping[int, int], threshold: int) -> bytes:
     xs = tuple(sorted(shares)[:threshold])
     if any(not 0 < x < PRIME for x in xs) or any(not 0 <= shares[x] < PRIME for x in xs):
         raise SecAggProtocolError("a Shamir share lies outside the field")
-    value = sum(l * shares[x] for l, x in zip(lagrange_at_zero(xs), xs)) % PRIME
+    value = sum(lam * shares[x] for lam, x in zip(lagrange_at_zero(xs), xs)) % PRIME
     if value >= 1 << (8 * SECRET_BYTES):
         raise SecAggProtocolError("reconstructed secret out of range: inconsistent shares")
     return value.to_bytes(SECRET_BYTES, "big")

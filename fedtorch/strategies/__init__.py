@@ -1,4 +1,12 @@
-"""Aggregation strategies. Pure math lives in :mod:`fedtorch.strategies.aggregate`."""
+"""Aggregation strategies. Pure math lives in :mod:`fedtorch.strategies.aggregate`.
+
+Also the aggregators that take a round's updates one at a time
+(:mod:`~fedtorch.strategies.streaming`), the row store for rules that need every row
+(:mod:`~fedtorch.strategies.rows`) and exact LoRA aggregation
+(:mod:`~fedtorch.strategies.lora_exact`).
+
+May import only the leaves.
+"""
 
 from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.fedavg import FedAvg

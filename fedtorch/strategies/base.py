@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientTask, RoundResults
+from fedtorch.strategies.rows import RowStore
 from fedtorch.strategies.streaming import Aggregator, RowCollector
 
 
@@ -44,7 +44,7 @@ class Strategy:
     """Base class of aggregation strategies.
 
     A strategy sees only flat tensors: the global ``mean``-rule values [P] and the round's
-    client deltas [P] with their sample counts (see :mod:`fedtorch.state`). It takes a
+    client deltas [P] with their sample counts (see :mod:`fedtorch.state.layout`). It takes a
     round's updates in one of two forms:
 
     * streaming: :meth:`start_round` returns an :class:`~fedtorch.strategies.streaming.

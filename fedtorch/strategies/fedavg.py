@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult
 from fedtorch.strategies.base import Strategy
+from fedtorch.strategies.rows import RowStore
 from fedtorch.strategies.streaming import RunningMean
 
 

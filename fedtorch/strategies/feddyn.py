@@ -11,7 +11,7 @@ round t, with theta the global model, P the sampled clients and N all clients:
 
 Clients train with ``prox_mu = alpha`` and ``correction = -g_k`` (:class:`ClientTask`), so
 both engines run it. g_k and h cover trainable parameters only; buffers are averaged.
-The g_k live in a :class:`~fedtorch.client_state.ClientStateStore` (CPU or disk); each
+The g_k live in a :class:`~fedtorch.state.client_store.ClientStateStore` (CPU or disk); each
 client's new g_k is staged as its update arrives and committed when the round finishes.
 The round's running sum of deltas gives both the uniform mean and the h update (the
 parameter mask only zeroes coordinates, so sum_k mask * d_k = mask * sum_k d_k exactly).
@@ -24,12 +24,12 @@ from functools import partial
 
 import torch
 
-from fedtorch.client_state import ClientStateStore
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult, ClientTask
+from fedtorch.state.client_store import ClientStateStore
 from fedtorch.strategies.base import RunContext
 from fedtorch.strategies.checks import check_number
 from fedtorch.strategies.fedavg import FedAvg, MeanAggregator
+from fedtorch.strategies.rows import RowStore
 
 
 class FedDyn(FedAvg):

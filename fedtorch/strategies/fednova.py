@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult
 from fedtorch.strategies.base import RunContext, Strategy
+from fedtorch.strategies.rows import RowStore
 
 
 def local_normalizer(steps: int, momentum: float = 0.0) -> float:

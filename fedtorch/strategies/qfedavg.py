@@ -27,10 +27,10 @@ from collections.abc import Sequence
 import torch
 
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult, ClientTask
 from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.checks import check_number
+from fedtorch.strategies.rows import RowStore
 
 LOSS_FLOOR = 1e-12
 

@@ -6,7 +6,7 @@ deltas [K, P] and steps ``x <- x + server_lr * rule(deltas)``. All are unweighte
 counts are reported by the clients, so an attacker could inflate its own).
 
 These rules need every row, so the round's deltas go to a
-:class:`~fedtorch.pipeline.rows.RowStore`: in memory while they fit
+:class:`~fedtorch.strategies.rows.RowStore`: in memory while they fit
 ``aggregation.memory_budget_mb``, else in a file in the run folder. The rules read the
 store in column blocks that fit the budget: coordinate-wise rules (median, trimmed mean,
 Bulyan's second step) block by block, distance-based picks (Krum, Bulyan's first step)
@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 
 from fedtorch.errors import ConfigError, FedtorchError
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult, RoundResults
 from fedtorch.strategies import aggregate
 from fedtorch.strategies.base import RunContext, Strategy
 from fedtorch.strategies.checks import check_int, check_number
+from fedtorch.strategies.rows import RowStore
 from fedtorch.strategies.streaming import RowCollector
 
 

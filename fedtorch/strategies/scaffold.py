@@ -19,7 +19,7 @@ by 1/(1 - rho) on top of c_i's own 1/(1 - rho): it diverges on NIID-Bench's sett
 With plain SGD the two are identical.
 
 Control variates cover trainable parameters only (buffers keep c = 0). The c_i are kept
-per client in a :class:`~fedtorch.client_state.ClientStateStore` (CPU memory, or a
+per client in a :class:`~fedtorch.state.client_store.ClientStateStore` (CPU memory, or a
 memory-mapped file in the run folder with ``client_state=disk``), never on the device.
 Each client downloads c and uploads c_i+ - c_i besides the model: twice FedAvg's traffic.
 
@@ -36,13 +36,13 @@ from functools import partial
 
 import torch
 
-from fedtorch.client_state import ClientStateStore
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult, ClientTask
+from fedtorch.state.client_store import ClientStateStore
 from fedtorch.strategies.base import RunContext
 from fedtorch.strategies.checks import check_number
 from fedtorch.strategies.fedavg import FedAvg, MeanAggregator
+from fedtorch.strategies.rows import RowStore
 
 
 def control_variate_update(

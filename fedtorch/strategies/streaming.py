@@ -10,7 +10,7 @@ Two kinds exist:
 * running sums (:class:`RunningMean`, used by every mean-based rule): memory of a few [P]
   vectors whatever the cohort size; sums run in the order the updates arrive, which is
   cohort order, so the result does not depend on the engine or how it chunked the cohort;
-* :class:`RowCollector`: every row kept in a :class:`~fedtorch.pipeline.rows.RowStore`
+* :class:`RowCollector`: every row kept in a :class:`~fedtorch.strategies.rows.RowStore`
   (in memory, or spilled to the run folder past ``aggregation.memory_budget_mb``), for
   rules that compare updates with each other, and for a user's strategy that only
   implements ``aggregate`` over the [K, P] matrix.
@@ -23,8 +23,8 @@ from typing import Protocol
 
 import torch
 
-from fedtorch.pipeline.rows import RowStore
 from fedtorch.results import ClientResult
+from fedtorch.strategies.rows import RowStore
 
 
 class Aggregator(Protocol):
@@ -61,7 +61,7 @@ class RowCollector:
     """Keeps every row, then hands the clients and the rows to ``finish_fn``.
 
     Args:
-        rows: where the rows go (see :class:`~fedtorch.pipeline.rows.RowStore`).
+        rows: where the rows go (see :class:`~fedtorch.strategies.rows.RowStore`).
         finish_fn: ``(clients, rows) -> new global vector``.
     """
 

@@ -18,7 +18,7 @@ gets one rule, decided once per run:
     frozen parameters (``requires_grad=False``, such as a base model under LoRA adapters):
     a client receives them once, not every round. (``adapter.aggregation=exact`` is the
     one exception: it folds a residual into the adapted layers' base weights each round,
-    and those are then sent every round; see :mod:`fedtorch.lora_exact`.)
+    and those are then sent every round; see :mod:`fedtorch.strategies.lora_exact`.)
 ``local``
     never exchanged: each client keeps its own value across rounds (FedBN, personal
     heads). The global model keeps its initial value for these keys.

@@ -27,15 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedtorch import checkpoint
-from fedtorch.errors import ConfigError
-from fedtorch.extras import require
+from fedtorch.errors import ConfigError, require
+from fedtorch.logging.files import write_json
 
 STATE_FILE = "trackers.json"  # in the run folder: each tracker's run id and last round sent
 
 
 class Tracker(Protocol):
-    """What :class:`fedtorch.metrics.MetricsLogger` calls on each of ``logger.trackers``."""
+    """What :class:`fedtorch.logging.metrics.MetricsLogger` calls on each of ``logger.trackers``."""
 
     def start(
         self, run_dir: Path, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
@@ -387,4 +386,4 @@ def _read_state(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(run_dir: Path, name: str, entry: Mapping[str, Any]) -> None:
-    checkpoint.write_json(Path(run_dir) / STATE_FILE, {**_read_state(run_dir), name: dict(entry)})
+    write_json(Path(run_dir) / STATE_FILE, {**_read_state(run_dir), name: dict(entry)})

@@ -1,47 +1,24 @@
-"""Atomic file writes, checkpoints and what exact resumption needs.
+"""Checkpoints and what exact resumption needs; model files.
 
-A crash never leaves a half-written model, summary or checkpoint behind; checkpoints load
+A crash never leaves a half-written model, summary or checkpoint behind (files are written
+with :func:`fedtorch.logging.files.atomic_write`); checkpoints load
 with ``weights_only=True``; Ctrl-C is held back while the server state changes.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
+from torch import nn
 
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda fh: fh.write(payload))
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(file)`` into a temporary file in the same folder, flush, fsync, then rename
-    over ``path``. Writing straight to the file keeps no serialized copy in memory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from fedtorch.logging.files import atomic_write
 
 
 def save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -50,14 +27,30 @@ def save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(cpu_state, fh))
 
 
+def save_model(
+    run_dir: Path,
+    model: nn.Module,
+    global_state: Mapping[str, torch.Tensor],
+    adapter: Any,
+    folded_keys: Collection[str],
+) -> None:
+    """``model.pt``: the final global ``state_dict`` (with an adapter, the base model with
+    the adapter merged in), and the adapter in peft's format under ``adapter/`` (with
+    ``aggregation=exact``, also the folded base it applies to, ``base_model.pt``)."""
+    run_dir = Path(run_dir)
+    if not adapter.enabled:
+        save_state(global_state, run_dir / "model.pt")
+        return
+    model.load_state_dict(global_state)
+    adapter.save(model, run_dir / "adapter")
+    if folded_keys:  # the adapter applies to the folded base, not the initial one
+        save_state(adapter.unloaded(model).state_dict(), run_dir / "adapter" / "base_model.pt")
+    save_state(adapter.merged(model).state_dict(), run_dir / "model.pt")
+
+
 def load_state(path: Path) -> dict[str, torch.Tensor]:
     """Load a saved ``state_dict`` with ``weights_only=True`` (no code runs on load)."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 # Checkpoints: everything the next round depends on, one file per saved round.
@@ -148,7 +141,7 @@ def flatten_config(node: Any, prefix: str = "") -> dict[str, Any]:
 # behaves as the code did before them: a checkpoint without the key resumes when the key
 # still has that value.
 ADDED_KEYS: dict[str, Any] = {
-    "adapter._target_": "fedtorch.adapters.NoAdapter",
+    "adapter._target_": "fedtorch.models.adapters.NoAdapter",
     "init_from": None,
     "precision": 32,
     "client.grad_accum_steps": 1,

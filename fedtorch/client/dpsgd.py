@@ -28,11 +28,11 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from fedtorch import seeding
-from fedtorch.client import ClientTrainer
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.data.tasks import Classification
 from fedtorch.errors import ConfigError
 from fedtorch.privacy.accounting import PrivacyAccountant
 from fedtorch.results import ClientResult, ClientTask
-from fedtorch.tasks import Classification
 
 # Opacus's hooks fire on the first layer, whose input needs no gradient: expected, harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
@@ -41,7 +41,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 class DPSGDTrainer(ClientTrainer):
     """Local training with per-sample clipping and Gaussian noise (sequential engine).
 
-    Args (besides :class:`~fedtorch.client.ClientTrainer`'s):
+    Args (besides :class:`~fedtorch.client.trainer.ClientTrainer`'s):
         max_grad_norm: C, the per-sample gradient bound.
         noise_multiplier: sigma.
         delta: the delta of each client's reported epsilon.
@@ -130,6 +130,15 @@ class DPSGDTrainer(ClientTrainer):
             noise = torch.randn(clipped.shape, generator=gen, device=self.device) * std
             p.grad = ((clipped + noise) / batch_size).view_as(p)
             p.grad_sample = None
+
+    def privacy_summary(self) -> dict[str, float]:
+        """What ``summary.json`` records: the largest sample-level epsilon of any client."""
+        if not self.accountants:
+            return {}
+        return {
+            "client_epsilon_max": max(a.epsilon(self.delta) for a in self.accountants.values()),
+            "client_delta": self.delta,
+        }
 
     def state_dict(self) -> dict:
         return {"accountants": {c: a.state_dict() for c, a in self.accountants.items()}}

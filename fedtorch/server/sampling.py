@@ -48,3 +48,15 @@ def sample_poisson(num_clients: int, rate: float, seed: int, round_idx: int) -> 
     """
     gen = seeding.generator(seed, seeding.CLIENT_SAMPLING, round_idx)
     return torch.nonzero(torch.rand(num_clients, generator=gen) < rate).flatten().tolist()
+
+
+def sample_cohort(
+    num_clients: int, clients_per_round: int, seed: int, round_idx: int, poisson: bool
+) -> list[int]:
+    """Round ``round_idx``'s cohort: ``clients_per_round`` clients drawn without
+    replacement, or with ``poisson`` each client independently at rate
+    ``clients_per_round / num_clients`` (what DP's subsampling amplification assumes)."""
+    if poisson:
+        rate = clients_per_round / num_clients
+        return sample_poisson(num_clients, rate, seed, round_idx)
+    return sample_clients(num_clients, clients_per_round, seed, round_idx)

@@ -1,5 +1,5 @@
 """Metric sinks: per-round rows to CSV and JSONL, the progress bar, the plot, and
-experiment trackers (TensorBoard, MLflow, W&B: :mod:`fedtorch.trackers`)."""
+experiment trackers (TensorBoard, MLflow, W&B: :mod:`fedtorch.logging.trackers`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fedtorch.errors import ConfigError
-from fedtorch.trackers import Tracker
+from fedtorch.logging.trackers import Tracker
 
 log = logging.getLogger("fedtorch")
 
@@ -82,7 +82,7 @@ class MetricsLogger:
                 raise ConfigError(
                     f"logger.trackers.{name}",
                     "needs a _target_ naming a tracker class (start, log, finish), such as "
-                    "fedtorch.trackers.TensorBoardTracker",
+                    "fedtorch.logging.trackers.TensorBoardTracker",
                 )
         self.trackers = dict(trackers or {})
         self.config = dict(config or {})

@@ -33,7 +33,7 @@ from torch import nn
 
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientResult
-from fedtorch.state import StateLayout
+from fedtorch.state.layout import StateLayout
 from fedtorch.strategies.streaming import Aggregator
 
 

@@ -20,21 +20,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fedtorch import checkpoint, seeding
-from fedtorch.checkpoint import CheckpointSettings
-from fedtorch.client import ClientTrainer
+from fedtorch import seeding
+from fedtorch.client.trainer import ClientTrainer
+from fedtorch.config.validate import resolve_device, validate_config
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize, stream
 from fedtorch.data.loading import DatasetInputs
+from fedtorch.data.silos import Silos, load_silos, served_silos, silo_specs
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.lora_exact import check_exact_strategy, lora_pairs
-from fedtorch.orchestrator import Orchestrator, RunSettings
-from fedtorch.sampling import cohort_size
-from fedtorch.silos import Silos, load_silos, served_silos, silo_specs
-from fedtorch.state import StateLayout, expand_key_rules
+from fedtorch.logging.files import write_json
+from fedtorch.server import checkpoint
+from fedtorch.server.checkpoint import CheckpointSettings
+from fedtorch.server.evaluation import Evaluator
+from fedtorch.server.orchestrator import Orchestrator
+from fedtorch.server.progress import RunSettings
+from fedtorch.server.resume import RunCheckpoints
+from fedtorch.server.round_pipeline import RoundPipelines
+from fedtorch.server.sampling import cohort_size
+from fedtorch.server.traffic import Traffic
+from fedtorch.state.layout import StateLayout, expand_key_rules
 from fedtorch.strategies import averages_plainly
 from fedtorch.strategies.base import RunContext
-from fedtorch.validate import resolve_device, validate_config
+from fedtorch.strategies.lora_exact import check_exact_strategy, lora_pairs
 
 log = logging.getLogger("fedtorch")
 
@@ -463,13 +470,13 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     else:
         data = _setup_data(cfg, device)
         if data.stats is not None:
-            checkpoint.write_json(run_dir / "dataset.json", data.stats)
+            write_json(run_dir / "dataset.json", data.stats)
         shards = _setup_partition(cfg, data)
         classes = data.num_classes if data.partition_labels is None else None
         stats = partition_lib.statistics(shards, data.labels_for_partition, classes)
     num_clients = len(shards)
     clients_per_round = cohort_size(num_clients, cfg.clients_per_round, cfg.fraction)
-    checkpoint.write_json(run_dir / "partition.json", stats)
+    write_json(run_dir / "partition.json", stats)
 
     adapter = _instantiate(cfg.adapter, "adapter")
     model = _setup_model(cfg, data, device, adapter)
@@ -568,6 +575,39 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         min_clients=cfg.min_clients,
         aggregation_memory_budget_mb=cfg.aggregation.memory_budget_mb,
     )
+    folded_keys = {p.base for p in exact_lora or []}
+    pipelines = RoundPipelines(
+        strategy=strategy,
+        layout=layout,
+        attack=attack,
+        compression=compression,
+        privacy=privacy,
+        secure_agg=secure_agg,
+        exact_lora=exact_lora or [],
+        shard_sizes=[len(s) for s in shards],
+        summed=getattr(engine, "collective", "gather") == "allreduce",
+        memory_budget_mb=settings.aggregation_memory_budget_mb,
+        run_dir=run_dir,
+    )
+    traffic = Traffic(
+        layout,
+        model.state_dict(),
+        strategy.extra_vectors,
+        folded_keys,
+        compression,
+        secure_agg.bits if secure_agg.enabled else None,
+    )
+    evaluator = Evaluator(
+        model,
+        data,
+        shards,
+        settings.eval_batch_size,
+        local=settings.eval_local,
+        per_client=settings.eval_clients,
+        silos=silos,
+        engine=engine,
+        local_state=lambda: trainer.local_state,
+    )
     return Orchestrator(
         model=model,
         layout=layout,
@@ -579,14 +619,22 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         settings=settings,
         logger=logger,
         run_dir=run_dir,
+        pipelines=pipelines,
+        traffic=traffic,
+        evaluator=evaluator,
         system=system,
-        attack=attack,
-        checkpointing=checkpointing,
-        privacy=privacy,
-        secure_agg=secure_agg,
-        compression=compression,
-        adapter=adapter,
-        exact_lora=exact_lora,
-        silos=silos,
+        checkpoints=RunCheckpoints(
+            run_dir,
+            checkpointing,
+            layout,
+            folded_keys,
+            {
+                "strategy": strategy,
+                "privacy": privacy,
+                "compression": compression,
+                "trainer": trainer,
+            },
+            adapter,
+        ),
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

@@ -8,7 +8,7 @@ never receives them back; only ``A`` and ``B`` travel each round. By default the
 averaged separately (``aggregation=separate``, as FedIT, OpenFedLLM and FlowerTune do), so
 every mean-based strategy works unchanged; ``aggregation=exact`` also folds the difference
 between the mean of the products B A and the product of the means into the base weights
-(FedEx-LoRA, :mod:`fedtorch.lora_exact`).
+(FedEx-LoRA, :mod:`fedtorch.strategies.lora_exact`).
 
 ``peft`` is an optional dependency: ``pip install "fedtorch[llm]"``.
 """
@@ -23,8 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from fedtorch.errors import ConfigError
-from fedtorch.extras import require
+from fedtorch.errors import ConfigError, require
 
 # Layer types LoRA can wrap (peft's LoRA layers).
 _LORA_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
@@ -81,7 +80,7 @@ class LoRA:
             peft does (``["qkv", "proj"]``).
         aggregation: ``separate`` (average A and B) or ``exact`` (FedEx-LoRA: the global
             model is the exact weighted mean of the client models; see
-            :mod:`fedtorch.lora_exact`).
+            :mod:`fedtorch.strategies.lora_exact`).
     """
 
     enabled = True

@@ -17,10 +17,10 @@ from torch import nn
 
 from fedtorch import seeding
 from fedtorch.data.loading import DatasetInputs, in_order
+from fedtorch.data.tasks import Classification, Task
 from fedtorch.errors import ConfigError
 from fedtorch.results import ClientError, ClientResult, ClientTask, resolve
-from fedtorch.state import StateLayout
-from fedtorch.tasks import Classification, Task
+from fedtorch.state.layout import StateLayout
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -47,7 +47,7 @@ class ClientTrainer:
             per step, which matters for tiny models).
         seed: the run seed; batch order and any randomness inside the model (dropout)
             derive from ``(seed, round, client)``, so results do not depend on client order.
-        task: what ``train_y`` means (:mod:`fedtorch.tasks`); the builder passes the
+        task: what ``train_y`` means (:mod:`fedtorch.data.tasks`); the builder passes the
             dataset's. Classification by default.
         grad_accum_steps: split each minibatch into this many micro-batches and add up
             their gradients before the step (the same update, less activation memory).
