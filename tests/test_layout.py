@@ -100,3 +100,26 @@ def test_every_room_says_what_it_may_import() -> None:
     for init in PACKAGE.glob("*/__init__.py"):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "import" in doc, f"{init.parent.name}/__init__.py's docstring"
+
+
+def test_a_checkpoint_written_before_the_regrouping_still_resumes() -> None:
+    from fedtorch.server.checkpoint import config_differences
+
+    before = {
+        "client._target_": "fedtorch.client.ClientTrainer",
+        "logger._target_": "fedtorch.metrics.MetricsLogger",
+        "attack._target_": "fedtorch.attacks.Attack",
+        "adapter._target_": "fedtorch.adapters.LoRA",
+    }
+    now = {
+        "client._target_": "fedtorch.client.trainer.ClientTrainer",
+        "logger._target_": "fedtorch.logging.metrics.MetricsLogger",
+        "attack._target_": "fedtorch.client.attacks.Attack",
+        "adapter._target_": "fedtorch.models.adapters.LoRA",
+    }
+    assert config_differences(before, now) == []
+    other = {**now, "client._target_": "fedtorch.client.dpsgd.DPSGDTrainer"}
+    assert config_differences(before, other) == [
+        "client._target_ ('fedtorch.client.trainer.ClientTrainer' -> "
+        "'fedtorch.client.dpsgd.DPSGDTrainer')"
+    ]

@@ -21,14 +21,20 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fedtorch import seeding
-from fedtorch.client.trainer import ClientTrainer
-from fedtorch.config.validate import resolve_device, validate_config
+from fedtorch.config.validate import (
+    check_components,
+    check_engine_and_attack,
+    check_eval_local,
+    resolve_device,
+    validate_config,
+)
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize, stream
-from fedtorch.data.loading import DatasetInputs
 from fedtorch.data.silos import Silos, load_silos, served_silos, silo_specs
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.logging.files import write_json
+from fedtorch.models.memory_format import set_memory_format
+from fedtorch.models.weights import load_initial_weights
 from fedtorch.server import checkpoint
 from fedtorch.server.checkpoint import CheckpointSettings
 from fedtorch.server.evaluation import Evaluator
@@ -39,7 +45,6 @@ from fedtorch.server.round_pipeline import RoundPipelines
 from fedtorch.server.sampling import cohort_size
 from fedtorch.server.traffic import Traffic
 from fedtorch.state.layout import StateLayout, expand_key_rules
-from fedtorch.strategies import averages_plainly
 from fedtorch.strategies.base import RunContext
 from fedtorch.strategies.lora_exact import check_exact_strategy, lora_pairs
 
@@ -162,29 +167,8 @@ def _load_data(spec: dict[str, Any]) -> DataBundle:
         )
     if len(loaded.train_y) == 0 or len(loaded.test_y) == 0:
         raise DataError(f"{loaded.name}: the training or test set is empty")
-    _configure_reading(loaded, reading)
+    loaded.configure_reading(**reading)
     return loaded
-
-
-def _configure_reading(data: DataBundle, reading: dict[str, Any]) -> None:
-    """Apply ``data.num_workers``/``pin_memory`` to the DataLoader path, or refuse them (and
-    ``in_memory=false``) where the data is in memory."""
-    streamed = isinstance(data.train_x, DatasetInputs)
-    if not reading["in_memory"] and not streamed:
-        raise ConfigError(
-            "data.in_memory",
-            f"false needs data read sample by sample, but {data.name} loads its tensors at "
-            "once; give a loader that returns a (train, test) pair of Datasets",
-        )
-    if streamed:
-        for inputs in (data.train_x, data.test_x):
-            inputs.configure(reading["num_workers"], reading["pin_memory"])
-        return
-    for key, default in (("num_workers", 0), ("pin_memory", False)):
-        if reading[key] != default:
-            raise ConfigError(
-                f"data.{key}", "applies to the DataLoader path only; set data.in_memory=false"
-            )
 
 
 def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
@@ -255,47 +239,6 @@ def _setup_silos(
     return data.to(device), [s.to(device) for s in shards], silos, stats
 
 
-def _set_memory_format(
-    name: str, model: nn.Module, trainer: ClientTrainer, probe: torch.Tensor, device: torch.device
-) -> None:
-    """Store the model's 4-D (conv) weights channels_last when ``memory_format`` asks.
-
-    ``auto`` does so on the CPU, where oneDNN convolutions then skip a layout conversion
-    each call (a NIID-Bench simple-CNN round runs about 1.35x as fast), unless the
-    trainer cannot (DP-SGD) or the model's forward cannot (``.view`` on a conv output):
-    then it keeps the default layout and says why. On CUDA ``auto`` keeps the default.
-    Only float rounding differs between the layouts.
-    """
-    has_conv = any(p.dim() == 4 for p in model.parameters())
-    if name == "contiguous" or not has_conv or (name == "auto" and device.type != "cpu"):
-        return
-    if not getattr(trainer, "supports_channels_last", True):
-        if name == "channels_last":
-            raise ConfigError(
-                "memory_format",
-                f"channels_last is not supported by {type(trainer).__name__} (Opacus's "
-                "per-sample conv gradients need contiguous weights); use auto or contiguous",
-            )
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(probe)
-    except RuntimeError as exc:
-        model.to(memory_format=torch.contiguous_format)
-        reason = str(exc).strip().splitlines()[0][:160]
-        if name == "channels_last":
-            raise ConfigError(
-                "memory_format", f"the model's forward fails with channels_last weights: {reason}"
-            ) from exc
-        log.info(
-            "memory_format=auto: keeping contiguous weights, the model's forward "
-            "fails with channels_last (%s)",
-            reason,
-        )
-
-
 def _setup_model(
     cfg: DictConfig, data: DataBundle, device: torch.device, adapter: Any
 ) -> nn.Module:
@@ -315,7 +258,7 @@ def _setup_model(
                 "model._target_", f"must build an nn.Module, got {type(model).__name__}"
             )
         if cfg.get("init_from"):
-            _load_initial_weights(model, Path(str(cfg.init_from)).expanduser())
+            load_initial_weights(model, Path(str(cfg.init_from)).expanduser())
         model = adapter.apply(model)  # LoRA's A is initialised from the same seeded stream
     model = model.to(device)
     with torch.no_grad():
@@ -337,62 +280,6 @@ def _setup_model(
             f"needs {task.describe_output(data.num_classes)}",
         )
     return model
-
-
-def _load_initial_weights(model: nn.Module, path: Path) -> None:
-    """Start from a saved ``state_dict`` (``init_from``: a run's ``model.pt``, say)."""
-    if not path.is_file():
-        raise ConfigError("init_from", f"{path} is not a file (give a model.pt of a run)")
-    try:
-        state = checkpoint.load_state(path)
-    except Exception as exc:
-        raise ConfigError("init_from", f"{path}: not a readable state_dict ({exc})") from exc
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or extra or wrong:
-        parts = [
-            f"{label} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
-            for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
-            if keys
-        ]
-        raise ConfigError("init_from", f"{path} does not fit the model: {'; '.join(parts)}")
-    model.load_state_dict(state)
-
-
-def _check_eval_local(cfg: DictConfig, data: DataBundle, trainer: ClientTrainer) -> None:
-    """``eval_local`` needs each client's own test rows and keys that stay on the client."""
-    natural = "clients" in _accepted(cfg.partition._target_, ("clients",), "partition")
-    if data.test_client_indices is None or not natural:
-        raise ConfigError(
-            "eval_local",
-            "needs each client's own test data: a dataset with natural clients "
-            "(dataset=shakespeare) and partition=natural",
-        )
-    if not trainer.local_keys:
-        raise ConfigError(
-            "eval_local",
-            "evaluates each client's local keys, but no key is local; add key_rules with "
-            "rule: local (e.g. [{pattern: '.*', rule: local}] for local-only training)",
-        )
-
-
-def _run_context(
-    num_clients: int, trainer: Any, layout: StateLayout, clients_per_round: int, run_dir: Path
-) -> RunContext:
-    optimizer = trainer.local_optimizer
-    params = [n for n, _ in trainer.model.named_parameters()]
-    return RunContext(
-        num_clients=num_clients,
-        clients_per_round=clients_per_round,
-        size=layout.size,
-        param_mask=layout.mask(params),
-        optimizer=type(optimizer),
-        optimizer_defaults=dict(optimizer.defaults),
-        prox_mu=trainer.prox_mu,
-        run_dir=run_dir,
-    )
 
 
 def _setup_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -499,16 +386,17 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         task=data.task,
         precision=cfg.precision,
     )
-    _set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
+    set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
     if cfg.eval_local:
-        _check_eval_local(cfg, data, trainer)
+        natural = "clients" in _accepted(cfg.partition._target_, ("clients",), "partition")
+        check_eval_local(natural, data, trainer)
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)
     if silos is not None and silos.rank_of_silo is not None:
         engine.place_clients(silos.rank_of_client)
     strategy = _instantiate(cfg.strategy, "strategy")
-    strategy.bind(_run_context(num_clients, trainer, layout, clients_per_round, run_dir))
+    strategy.bind(RunContext.of(trainer, layout, num_clients, clients_per_round, run_dir))
     privacy = _instantiate(cfg.privacy, "privacy", seed=cfg.seed)
     privacy.bind(num_clients, clients_per_round, cfg.rounds)
     secure_agg = _instantiate(cfg.secure_aggregation, "secure_aggregation", seed=cfg.seed)
@@ -516,28 +404,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         privacy.clip_norm if privacy.enabled else None,
         privacy.enabled and privacy.mode == "local",
     )
-    if (privacy.enabled or secure_agg.enabled) and not averages_plainly(strategy):
-        raise ConfigError(
-            "strategy",
-            f"{type(strategy).__name__} cannot run with privacy or secure aggregation, which "
-            "release only the average update; use fedavg, fedprox, fedavgm, fedadagrad, "
-            "fedadam or fedyogi",
-        )
     compression = _instantiate(cfg.compression, "compression", seed=cfg.seed)
-    if secure_agg.enabled and compression.enabled:
-        raise ConfigError(
-            "compression",
-            f"compression={compression.kind} cannot run under secure aggregation: the masks "
-            "make every coordinate of the sent vector non-zero and clients' scales differ, "
-            "so nothing compressed survives the ring sum; use compression=none and fewer "
-            "secure_aggregation.bits (bits/8 bytes a coordinate)",
-        )
-    if adapter.aggregation == "exact" and compression.downlink != "none":
-        raise ConfigError(
-            "compression.downlink",
-            "adapter.aggregation=exact folds the clients' exact adapters into the base; "
-            "a lossy broadcast would make them differ from the server's; use downlink=none",
-        )
+    check_components(strategy, privacy, secure_agg, compression, adapter)
     compression.bind(layout, num_clients, run_dir)
     exact_lora = None
     if adapter.aggregation == "exact":
@@ -545,21 +413,9 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         exact_lora = lora_pairs(model, layout)
     system = _instantiate(cfg.system, "system", seed=cfg.seed)
     attack = _instantiate(cfg.attack, "attack", num_clients=num_clients, seed=cfg.seed)
-    if attack.kind == "label_flip" and data.task.name != "classification":
-        raise ConfigError(
-            "attack", f"label_flip needs a classification dataset; {data.name} is not one"
-        )
-    if getattr(engine, "collective", "gather") == "allreduce":
-        server_steps = privacy.enabled or secure_agg.enabled or compression.enabled
-        server_steps = server_steps or attack.rewrites_updates
-        if not averages_plainly(strategy) or server_steps or adapter.aggregation == "exact":
-            raise ConfigError(
-                "aggregation.collective",
-                "allreduce sums updates on the ranks that trained them, so it needs a plain "
-                "weighted mean (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi) and no "
-                "per-update step on the server (privacy, secure aggregation, compression, "
-                "attacks, exact LoRA); use aggregation.collective=gather",
-            )
+    check_engine_and_attack(
+        engine, strategy, privacy, secure_agg, compression, adapter, attack, data
+    )
     logger = _setup_logger(cfg, run_dir)
 
     settings = RunSettings(

@@ -1,4 +1,5 @@
-"""Checks of the top-level config, run before anything is loaded or trained.
+"""Checks of the config, run before anything is trained: the top-level keys before
+anything is loaded, then the combinations of built components that cannot run together.
 
 Each check raises :class:`~fedtorch.errors.ConfigError` with one line naming the key, the
 value and what is allowed. Component-specific checks live with their component (the
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from fedtorch.errors import ConfigError
+from fedtorch.strategies import averages_plainly
 
 _DEVICE = re.compile(r"^(cpu|auto|cuda(:\d+)?)$")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
@@ -155,3 +157,76 @@ def _check_optimizer(opt: Any) -> None:
             raise ConfigError("client.optimizer.lr", f"must be > 0, got {value}")
         if value < 0:
             raise ConfigError(f"client.optimizer.{key}", f"must be >= 0, got {value}")
+
+
+def check_eval_local(partition_target_accepts_clients: bool, data: Any, trainer: Any) -> None:
+    """``eval_local`` needs each client's own test rows and keys that stay on the client."""
+    if data.test_client_indices is None or not partition_target_accepts_clients:
+        raise ConfigError(
+            "eval_local",
+            "needs each client's own test data: a dataset with natural clients "
+            "(dataset=shakespeare) and partition=natural",
+        )
+    if not trainer.local_keys:
+        raise ConfigError(
+            "eval_local",
+            "evaluates each client's local keys, but no key is local; add key_rules with "
+            "rule: local (e.g. [{pattern: '.*', rule: local}] for local-only training)",
+        )
+
+
+def check_components(
+    strategy: Any, privacy: Any, secure_agg: Any, compression: Any, adapter: Any
+) -> None:
+    """The combinations of strategy, privacy, secure aggregation, compression and adapter
+    that cannot run together, each refused with one line."""
+    if (privacy.enabled or secure_agg.enabled) and not averages_plainly(strategy):
+        raise ConfigError(
+            "strategy",
+            f"{type(strategy).__name__} cannot run with privacy or secure aggregation, which "
+            "release only the average update; use fedavg, fedprox, fedavgm, fedadagrad, "
+            "fedadam or fedyogi",
+        )
+    if secure_agg.enabled and compression.enabled:
+        raise ConfigError(
+            "compression",
+            f"compression={compression.kind} cannot run under secure aggregation: the masks "
+            "make every coordinate of the sent vector non-zero and clients' scales differ, "
+            "so nothing compressed survives the ring sum; use compression=none and fewer "
+            "secure_aggregation.bits (bits/8 bytes a coordinate)",
+        )
+    if adapter.aggregation == "exact" and compression.downlink != "none":
+        raise ConfigError(
+            "compression.downlink",
+            "adapter.aggregation=exact folds the clients' exact adapters into the base; "
+            "a lossy broadcast would make them differ from the server's; use downlink=none",
+        )
+
+
+def check_engine_and_attack(
+    engine: Any,
+    strategy: Any,
+    privacy: Any,
+    secure_agg: Any,
+    compression: Any,
+    adapter: Any,
+    attack: Any,
+    data: Any,
+) -> None:
+    """An attack the data cannot have, and per-update server steps under an engine that
+    sums updates on the ranks (``aggregation.collective=allreduce``)."""
+    if attack.kind == "label_flip" and data.task.name != "classification":
+        raise ConfigError(
+            "attack", f"label_flip needs a classification dataset; {data.name} is not one"
+        )
+    if getattr(engine, "collective", "gather") == "allreduce":
+        server_steps = privacy.enabled or secure_agg.enabled or compression.enabled
+        server_steps = server_steps or attack.rewrites_updates
+        if not averages_plainly(strategy) or server_steps or adapter.aggregation == "exact":
+            raise ConfigError(
+                "aggregation.collective",
+                "allreduce sums updates on the ranks that trained them, so it needs a plain "
+                "weighted mean (fedavg, fedprox, fedavgm, fedadagrad, fedadam, fedyogi) and no "
+                "per-update step on the server (privacy, secure aggregation, compression, "
+                "attacks, exact LoRA); use aggregation.collective=gather",
+            )

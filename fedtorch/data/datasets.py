@@ -79,6 +79,29 @@ class DataBundle:
             test_y=self.test_y.to(device),
         )
 
+    def configure_reading(self, in_memory: bool, num_workers: int, pin_memory: bool) -> None:
+        """Apply ``data.num_workers``/``pin_memory`` to the DataLoader path, or refuse them
+        (and ``in_memory=false``) where the data is in memory."""
+        streamed = isinstance(self.train_x, DatasetInputs)
+        if not in_memory and not streamed:
+            raise ConfigError(
+                "data.in_memory",
+                f"false needs data read sample by sample, but {self.name} loads its tensors "
+                "at once; give a loader that returns a (train, test) pair of Datasets",
+            )
+        if streamed:
+            for inputs in (self.train_x, self.test_x):
+                inputs.configure(num_workers, pin_memory)
+            return
+        for key, value, default in (
+            ("num_workers", num_workers, 0),
+            ("pin_memory", pin_memory, False),
+        ):
+            if value != default:
+                raise ConfigError(
+                    f"data.{key}", "applies to the DataLoader path only; set data.in_memory=false"
+                )
+
     @property
     def labels_for_partition(self) -> torch.Tensor:
         """One class per training row, for the label-based partitioners."""

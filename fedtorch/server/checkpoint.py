@@ -159,10 +159,35 @@ ADDED_KEYS: dict[str, Any] = {
 }
 
 
+# Modules whose classes configs name in ``_target_`` and that moved when the package was
+# regrouped by room: a checkpoint written before names the old path for the same class.
+MOVED_MODULES = {
+    "fedtorch.client.": "fedtorch.client.trainer.",
+    "fedtorch.attacks.": "fedtorch.client.attacks.",
+    "fedtorch.heterogeneity.": "fedtorch.client.heterogeneity.",
+    "fedtorch.privacy.dpsgd.": "fedtorch.client.dpsgd.",
+    "fedtorch.metrics.": "fedtorch.logging.metrics.",
+    "fedtorch.trackers.": "fedtorch.logging.trackers.",
+    "fedtorch.adapters.": "fedtorch.models.adapters.",
+}
+
+
+def _current_target(key: str, value: Any) -> Any:
+    """A ``_target_`` written before a module moved, as it reads today."""
+    if key.endswith("_target_") and isinstance(value, str):
+        for before, after in MOVED_MODULES.items():
+            rest = value[len(before) :]
+            if value.startswith(before) and "." not in rest:
+                return after + rest
+    return value
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``key (old -> new)`` for every key whose value differs or exists on one side only
-    (a key of :data:`ADDED_KEYS` missing from ``old`` counts as its neutral value)."""
+    (a key of :data:`ADDED_KEYS` missing from ``old`` counts as its neutral value; a
+    ``_target_`` in a module that moved, as :data:`MOVED_MODULES` says, as its new path)."""
     missing = object()
+    old = {k: _current_target(k, v) for k, v in old.items()}
     old = {**{k: v for k, v in ADDED_KEYS.items() if k not in old and k in new}, **old}
     return [
         f"{k} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"

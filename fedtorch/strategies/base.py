@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +39,25 @@ class RunContext:
     optimizer_defaults: dict = field(default_factory=dict)
     prox_mu: float = 0.0
     run_dir: Path | None = None
+
+    @classmethod
+    def of(
+        cls, trainer: Any, layout: Any, num_clients: int, clients_per_round: int, run_dir: Path
+    ) -> RunContext:
+        """The context of a run whose clients train with ``trainer`` (its model's
+        parameters, local optimizer and ``prox_mu``) over ``layout``'s flat vector."""
+        optimizer = trainer.local_optimizer
+        params = [n for n, _ in trainer.model.named_parameters()]
+        return cls(
+            num_clients=num_clients,
+            clients_per_round=clients_per_round,
+            size=layout.size,
+            param_mask=layout.mask(params),
+            optimizer=type(optimizer),
+            optimizer_defaults=dict(optimizer.defaults),
+            prox_mu=trainer.prox_mu,
+            run_dir=run_dir,
+        )
 
 
 class Strategy:
