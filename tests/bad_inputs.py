@@ -240,6 +240,16 @@ CASES: list[tuple[str, list[str], str]] = [
         ["resume={tmp}"],
         "resume: no checkpoint in {tmp}/checkpoints",
     ),
+    (
+        "secure mode that is not a boolean",
+        ["privacy=dp_central", "privacy.secure_mode=maybe"],
+        "privacy.secure_mode: must be true, false or null, got 'maybe'",
+    ),
+    (
+        "fixed cohorts with the PRV accountant",
+        ["privacy=dp_central", "privacy.sampling=fixed", "privacy.accountant=prv"],
+        "privacy.accountant: fixed-size cohorts are accounted with the RDP bound",
+    ),
 ]
 
 

@@ -11,11 +11,15 @@ sampling rate B / n_k, composed across all the rounds the client took part in; t
 client's epsilon is reported in its metrics, the largest in the round's row
 (``client_epsilon_max``) and the largest ever in ``summary.json``.
 
-What this guarantees: (epsilon, delta) sample-level DP of everything each client sends,
-w.r.t. one training example of that client. Caveats: batches are shuffled fixed-size
-minibatches, analysed as Poisson sampling at rate B / n_k (the usual approximation); the
-noise comes from PyTorch's seeded generator (reproducible simulation, not a secure source).
-Models with BatchNorm are refused (a sample's output depends on its batch): use GroupNorm.
+Batches are drawn the way they are accounted: at every step each of the client's samples
+joins the batch independently with probability q = B / n_k (Poisson sampling, as Opacus's
+``DPDataLoader`` does), so a batch's size varies and may be 0; the clipped sum is divided
+by the expected batch size q n_k. What this guarantees: (epsilon, delta) sample-level DP of
+everything each client sends, w.r.t. adding or removing one training example of that
+client. The noise and the batches come from PyTorch's seeded generator (reproducible
+simulation), or from the OS CSPRNG with ``privacy.secure_mode`` (see
+:mod:`fedtorch.privacy.noise`). Models with BatchNorm are refused (a sample's output
+depends on its batch): use GroupNorm.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from fedtorch.client.trainer import ClientTrainer
 from fedtorch.data.tasks import Classification
 from fedtorch.errors import ConfigError
 from fedtorch.privacy.accounting import PrivacyAccountant
+from fedtorch.privacy.noise import CsprngStream, add_gaussian
 from fedtorch.results import ClientResult, ClientTask
 
 # Opacus's hooks fire on the first layer, whose input needs no gradient: expected, harmless.
@@ -98,37 +103,65 @@ class DPSGDTrainer(ClientTrainer):
         self.max_grad_norm, self.noise_multiplier = float(max_grad_norm), float(noise_multiplier)
         self.delta, self.mechanism = delta, accountant
         self.accountants: dict[int, PrivacyAccountant] = {}
+        # Noise and batches from the OS CSPRNG (privacy.secure_mode, set by the builder).
+        self.secure = False
+        self.task = _PoissonBatchClassification()
         self._per_sample = GradSampleModule(self.model, loss_reduction="mean")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._per_sample(x)
 
     def train(self, task: ClientTask, indices: torch.Tensor, *args, **kwargs) -> ClientResult:
+        # The expected batch is q n_k = min(B, n_k); privatize_gradients divides by it.
+        self._expected_batch = min(self.batch_size, len(indices))
         result = super().train(task, indices, *args, **kwargs)
         accountant = self.accountants.setdefault(task.client_id, PrivacyAccountant(self.mechanism))
-        rate = min(1.0, self.batch_size / max(len(indices), 1))
+        rate = self.sample_rate(len(indices))
         for _ in range(int(result.metrics["steps"])):
             accountant.step(self.noise_multiplier, rate)
         result.metrics["epsilon"] = accountant.epsilon(self.delta)
         return result
 
+    def sample_rate(self, num_samples: int) -> float:
+        """q = B / n_k: each sample's chance of joining a batch."""
+        return min(1.0, self.batch_size / max(num_samples, 1))
+
+    def schedule(
+        self, client_id: int, indices: torch.Tensor, round_idx: int, steps: int | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Poisson-sampled batches: ``num_steps`` steps, each sample in each step's batch
+        independently with probability q (padded [S, max size] rows and their sizes)."""
+        n, q = len(indices), self.sample_rate(len(indices))
+        total = self.num_steps(n, steps)
+        if self.secure:
+            draws = CsprngStream().uniform(total * n).view(total, n)
+        else:
+            gen = seeding.generator(self.seed, seeding.CLIENT_TRAINING, round_idx, client_id)
+            draws = torch.rand(total, n, generator=gen, dtype=torch.float64)
+        chosen = (draws < q).to(indices.device)
+        sizes = chosen.sum(dim=1).tolist()
+        batches = torch.zeros(total, max(max(sizes, default=0), 1), dtype=torch.long)
+        batches = batches.to(indices.device)
+        for step, mask in enumerate(chosen):
+            batches[step, : sizes[step]] = indices[mask]
+        return batches, sizes
+
     def privatize_gradients(
         self, batch_size: int, client_id: int, round_idx: int, step: int
     ) -> None:
-        """Replace each parameter's gradient by the clipped, noised mean of per-sample ones."""
+        """Replace each parameter's gradient by the clipped, noised sum of per-sample ones
+        divided by the expected batch size (``batch_size`` is this step's actual size)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        samples = [p.grad_sample.reshape(p.grad_sample.shape[0], -1) for p in params]
+        samples = [p.grad_sample.reshape(len(p.grad_sample), p.numel()) for p in params]
         norms = torch.cat(samples, dim=1).norm(dim=1)  # [B]
         factors = (self.max_grad_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(
-            seeding.derive_seed(self.seed, seeding.PRIVACY, round_idx, client_id + 1, step)
-        )
+        expected = self._expected_batch
         std = self.noise_multiplier * self.max_grad_norm
-        for p, per_sample in zip(params, samples):
+        for i, (p, per_sample) in enumerate(zip(params, samples)):
             clipped = (factors[:, None] * per_sample).sum(dim=0)
-            noise = torch.randn(clipped.shape, generator=gen, device=self.device) * std
-            p.grad = ((clipped + noise) / batch_size).view_as(p)
+            key = (round_idx, client_id + 1, step, i)
+            noisy = add_gaussian(clipped, std, self.secure, self.seed, *key)
+            p.grad = (noisy / expected).view_as(p)
             p.grad_sample = None
 
     def privacy_summary(self) -> dict[str, float]:
@@ -148,3 +181,13 @@ class DPSGDTrainer(ClientTrainer):
         for c, s in state.get("accountants", {}).items():
             self.accountants[int(c)] = PrivacyAccountant(self.mechanism)
             self.accountants[int(c)].load_state_dict(s)
+
+
+class _PoissonBatchClassification(Classification):
+    """Classification, except that an empty batch (Poisson sampling may draw one) has loss
+    0 instead of the NaN of a mean over nothing; other batches are unchanged."""
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if len(y) == 0:
+            return logits.sum() * 0.0, 0
+        return super().loss(logits, y)

@@ -13,17 +13,20 @@ it, so the server never sees an un-noised update.
 
 Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
 Clipping"): clients also report b_k = 1[||Delta_k|| <= C]; the server releases
-b = (sum_k b_k + N(0, sigma_b^2)) / (q N) and sets C <- C exp(-eta_C (b - gamma)), steering C
-to the gamma-quantile of update norms. The update noise becomes
-z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) so that both releases together cost the same as
-noise multiplier z.
+b = (sum_k (b_k - 1/2) + N(0, sigma_b^2)) / (q N) + 1/2 and sets
+C <- C exp(-eta_C (b - gamma)), steering C to the gamma-quantile of update norms. Centring
+the bits makes one client move the released count by at most 1/2, so with the update noise
+z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) both releases together are one Gaussian mechanism
+of noise multiplier z (the vector (Delta / (z_Delta C), (b - 1/2) / sigma_b) has norm at
+most 1/z), and z is what the accountant composes.
 
-What this guarantees: (epsilon, delta) user-level DP of the sequence of global models
-w.r.t. adding or removing one client's whole dataset, for the sampling the accountant
-assumes (see :mod:`fedtorch.privacy.accounting`). What it does not: the noise comes from
-PyTorch's seeded generator so that runs repeat exactly, which is right for simulation and
-wrong for deployment (use a cryptographically secure source there); local training
-statistics, sample counts and integer counters in the logs are not privatized.
+What this guarantees: (epsilon, delta) user-level DP of the sequence of global models for
+the sampling the run actually uses, accounted as :mod:`fedtorch.privacy.accounting`
+says (Poisson: add/remove one client's whole dataset; fixed cohorts: replace one). The
+noise comes from PyTorch's seeded generator unless ``secure_mode`` is on
+(:mod:`fedtorch.privacy.noise`): seeded noise repeats exactly, which is right for
+simulation and wrong for a model that leaves the machine. Local training statistics,
+sample counts and integer counters in the logs are not privatized.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ from typing import Any
 
 import torch
 
-from fedtorch import seeding
 from fedtorch.errors import ConfigError
 from fedtorch.privacy.accounting import PrivacyAccountant, calibrate_noise
+from fedtorch.privacy.noise import add_gaussian, gaussian_scalar
 
 MODES = ("central", "local")
-SAMPLING = ("fixed", "poisson")
+SAMPLING = ("poisson", "fixed")
 ON_BUDGET = ("calibrate", "stop")
 
 
@@ -68,11 +71,15 @@ class NoPrivacy:
     enabled = False
     sampling = "fixed"
 
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+    def __init__(self, secure_mode: bool | None = None, seed: int = 0) -> None:
+        _check_secure_mode(secure_mode)
+        self.secure_mode, self.seed = secure_mode, seed
+        self.secure = bool(secure_mode)
 
-    def bind(self, num_clients: int, clients_per_round: int, rounds: int) -> None:
-        pass
+    def bind(
+        self, num_clients: int, clients_per_round: int, rounds: int, secure: bool = False
+    ) -> None:
+        self.secure = secure
 
     def round_allowed(self) -> bool:
         return True
@@ -100,9 +107,12 @@ class DifferentialPrivacy:
         on_budget: ``calibrate`` (choose z before training so the whole run spends exactly
             the budget) or ``stop`` (train with the given z and stop before the round that
             would overspend).
-        sampling: ``fixed`` (exactly m clients a round) or ``poisson`` (each client
-            independently with probability q = m / N, as the accountant assumes).
-        accountant: ``rdp`` or ``prv`` (Opacus).
+        sampling: ``poisson`` (each client independently with probability q = m / N) or
+            ``fixed`` (exactly m clients a round); each accounted as what it is.
+        accountant: ``rdp`` or ``prv`` (Opacus; ``fixed`` needs ``rdp``).
+        secure_mode: noise and DP client sampling from the OS CSPRNG
+            (:mod:`fedtorch.privacy.noise`); null: on where parties differ (``data.silos``),
+            off in one process.
         adaptive_clipping: adapt C towards the ``target_quantile`` of update norms.
         target_quantile: gamma.
         clip_learning_rate: eta_C.
@@ -120,12 +130,13 @@ class DifferentialPrivacy:
         delta: float = 1e-5,
         target_epsilon: float | None = None,
         on_budget: str = "stop",
-        sampling: str = "fixed",
+        sampling: str = "poisson",
         accountant: str = "rdp",
         adaptive_clipping: bool = False,
         target_quantile: float = 0.5,
         clip_learning_rate: float = 0.2,
         clipped_count_stddev: float | None = None,
+        secure_mode: bool | None = None,
         seed: int = 0,
     ) -> None:
         for key, value, allowed in (
@@ -164,23 +175,39 @@ class DifferentialPrivacy:
         self.sampling, self.adaptive = sampling, adaptive_clipping
         self.target_quantile, self.clip_lr = target_quantile, clip_learning_rate
         self.clipped_count_stddev = clipped_count_stddev
-        self.seed = seed
+        _check_secure_mode(secure_mode)
+        self.seed, self.secure_mode, self.secure = seed, secure_mode, bool(secure_mode)
+        self.mechanism = accountant
         self.accountant = PrivacyAccountant(accountant)
         self.update_noise_multiplier = noise_multiplier
+        self.calibrated = noise_multiplier is None
 
-    def bind(self, num_clients: int, clients_per_round: int, rounds: int) -> None:
-        """Fix the sampling rate and the noise; refuse budgets no round can meet."""
+    def bind(
+        self, num_clients: int, clients_per_round: int, rounds: int, secure: bool = False
+    ) -> None:
+        """Fix the sampling rate, the accountant and the noise; refuse budgets no round can
+        meet. ``secure``: ``secure_mode`` as resolved for the run."""
+        self.secure, self.rounds = secure, rounds
         self.expected_clients = float(clients_per_round)
         self.sample_rate = clients_per_round / num_clients
         self.account_rate = self.sample_rate if self.mode == "central" else 1.0
-        if self.noise_multiplier is None:
+        sampling = self.sampling if self.mode == "central" else "poisson"  # local: q = 1
+        self.accountant = PrivacyAccountant(
+            self.mechanism, sampling, num_clients, clients_per_round
+        )
+        if self.calibrated:
             self.noise_multiplier = calibrate_noise(
                 self.target_epsilon,
                 self.delta,
                 self.account_rate,
                 rounds,
-                self.accountant.mechanism,
+                self.mechanism,
+                self.accountant,
             )
+        self._split_noise()
+
+    def _split_noise(self) -> None:
+        """The update noise multiplier (z, or z_Delta with adaptive clipping)."""
         z = self.noise_multiplier
         self.update_noise_multiplier = z
         if self.adaptive:
@@ -215,9 +242,7 @@ class DifferentialPrivacy:
         norm = clip_rows(update[None, :], self.clip_norm)[0]
         if self.mode == "local":
             std = self.noise_multiplier * self.clip_norm
-            gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, client_id + 1)
-            noise = torch.randn(update.shape[0], generator=gen, dtype=update.dtype)
-            update.add_(noise.to(update.device), alpha=std)
+            add_gaussian(update, std, self.secure, self.seed, round_idx, client_id + 1)
         return bool(norm <= self.clip_norm)
 
     def client_side(
@@ -230,26 +255,31 @@ class DifferentialPrivacy:
         return ClientReports(updates, torch.tensor(unclipped, dtype=torch.bool))
 
     def release(
-        self, total: torch.Tensor, unclipped_count: float, round_idx: int
+        self,
+        total: torch.Tensor,
+        unclipped_count: float,
+        round_idx: int,
+        reported: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The private mean from the sum of the clients' reports; accounts for the round.
 
-        ``total`` is overwritten (the mean is computed in its storage). Returns
-        ``(mean [P], metrics)``.
+        ``unclipped_count`` is sum_k b_k over the ``reported`` clients (default: the
+        expected cohort). ``total`` is overwritten (the mean is computed in its storage).
+        Returns ``(mean [P], metrics)``.
         """
+        if reported is None:
+            reported = round(self.expected_clients)
         clip_used = self.clip_norm
         if self.mode == "central":
             std = self.update_noise_multiplier * self.clip_norm
-            gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, 0)
-            noise = torch.randn(total.shape, generator=gen, dtype=total.dtype)
-            total = total.add_(noise.to(total.device), alpha=std)
+            total = add_gaussian(total, std, self.secure, self.seed, round_idx, 0)
         mean = total.div_(self.expected_clients)
         if self.adaptive:
-            gen = seeding.generator(self.seed, seeding.PRIVACY, round_idx, -1)
-            noisy = (
-                unclipped_count + float(torch.randn(1, generator=gen)) * self.clipped_count_stddev
-            )
-            fraction = noisy / self.expected_clients
+            # sum_k (b_k - 1/2): sensitivity 1/2, as the noise split assumes.
+            centred = unclipped_count - reported / 2
+            std = self.clipped_count_stddev
+            noisy = centred + gaussian_scalar(std, self.secure, self.seed, round_idx, -1)
+            fraction = noisy / self.expected_clients + 0.5
             self.clip_norm *= math.exp(-self.clip_lr * (fraction - self.target_quantile))
         self.accountant.step(self.noise_multiplier, self.account_rate)
         return mean, {
@@ -265,17 +295,47 @@ class DifferentialPrivacy:
             "noise_multiplier": self.noise_multiplier,
             "privacy_mode": self.mode,
             "client_sampling": self.sampling,
+            "accounting": self.accountant.describe() if self.mode == "central" else "gaussian",
+            "secure_mode": self.secure,
             "stopped_by_privacy_budget": stopped_by_budget,
         }
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "clip_norm": self.clip_norm}
+        return {
+            "accountant": self.accountant.state_dict(),
+            "clip_norm": self.clip_norm,
+            "noise_multiplier": self.noise_multiplier,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint's accounting. A calibrated run keeps the noise it was
+        calibrated with; resumed to more rounds than that budget allows, it stops here
+        with one line, before training."""
         self.accountant.load_state_dict(state["accountant"])
         self.clip_norm = float(state["clip_norm"])
+        if not self.calibrated or state.get("noise_multiplier") is None:
+            return
+        self.noise_multiplier = float(state["noise_multiplier"])
+        self._split_noise()
+        done = sum(int(steps) for _, _, steps in self.accountant.history)
+        left = max(self.rounds - done, 0)
+        z, q = self.noise_multiplier, self.account_rate
+        after = self.accountant.epsilon_after(z, q, self.delta, left) if left else 0.0
+        if after > self.target_epsilon * (1 + 1e-9):
+            raise ConfigError(
+                "rounds",
+                f"resuming a run calibrated to privacy.target_epsilon={self.target_epsilon:g} "
+                f"to {self.rounds} rounds would spend epsilon={after:.3g} at the "
+                f"noise_multiplier={z:.4g} it was calibrated with; keep rounds at most the "
+                "original or start a new run",
+            )
 
 
 def _positive(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"privacy.{key}", f"must be > 0, got {value!r}")
+
+
+def _check_secure_mode(value: object) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError("privacy.secure_mode", f"must be true, false or null, got {value!r}")

@@ -57,6 +57,7 @@ class PrivateRound:
         self.value_range = secure_agg.value_range
         self.total: torch.Tensor | None = None
         self.reported_weight = 0.0
+        self.reported = 0
         self.unclipped = 0
         self.metrics: dict[str, Any] = {}
 
@@ -67,6 +68,7 @@ class PrivateRound:
         else:
             update.mul_(self.weights[client.client_id] / self.cohort_weight)
         self.reported_weight += self.weights[client.client_id]
+        self.reported += 1
         return update
 
     def add(self, client: ClientResult, sent: torch.Tensor) -> None:
@@ -83,7 +85,9 @@ class PrivateRound:
         """Unmask, release the mean, and take the server step on it."""
         total = self._sum()
         if self.privacy.enabled:
-            mean, released = self.privacy.release(total, float(self.unclipped), self.round_idx)
+            mean, released = self.privacy.release(
+                total, float(self.unclipped), self.round_idx, self.reported
+            )
             self.metrics.update(released)
         elif self.reported_weight:
             # Pre-weighted by the whole cohort's weight; clients that failed are not in the

@@ -187,8 +187,11 @@ class Orchestrator:
         """A round's cohort, tasks and pipeline; with an engine that can, the workers are
         already sent their clients (engine.start) when this returns. Changes no server
         state."""
-        s, poisson = self.settings, self.privacy.sampling == "poisson"
-        cohort = sample_cohort(len(self.shards), s.clients_per_round, s.seed, round_idx, poisson)
+        s, dp = self.settings, self.privacy
+        poisson, secure = dp.sampling == "poisson", dp.enabled and dp.secure
+        cohort = sample_cohort(
+            len(self.shards), s.clients_per_round, s.seed, round_idx, poisson, secure
+        )
         tasks = self.strategy.configure(cohort, round_idx)
         sizes = self.pipelines.shard_sizes
         tasks, dropped = self.system.apply(tasks, round_idx, sizes, self.trainer.batch_size)

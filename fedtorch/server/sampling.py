@@ -1,4 +1,6 @@
-"""Client sampling: which clients train in round r, seeded by (seed, r)."""
+"""Client sampling: which clients train in round r, seeded by (seed, r), or from the OS
+CSPRNG under DP in secure mode (so nobody who knows the seed can tell the cohorts, which
+the subsampling amplification of the privacy accounting assumes)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import torch
 
 from fedtorch import seeding
 from fedtorch.errors import ConfigError
+from fedtorch.privacy.noise import CsprngStream
 
 
 def cohort_size(num_clients: int, clients_per_round: int | None, fraction: float | None) -> int:
@@ -51,12 +54,26 @@ def sample_poisson(num_clients: int, rate: float, seed: int, round_idx: int) -> 
 
 
 def sample_cohort(
-    num_clients: int, clients_per_round: int, seed: int, round_idx: int, poisson: bool
+    num_clients: int,
+    clients_per_round: int,
+    seed: int,
+    round_idx: int,
+    poisson: bool,
+    secure: bool = False,
 ) -> list[int]:
     """Round ``round_idx``'s cohort: ``clients_per_round`` clients drawn without
     replacement, or with ``poisson`` each client independently at rate
-    ``clients_per_round / num_clients`` (what DP's subsampling amplification assumes)."""
+    ``clients_per_round / num_clients``; from the OS CSPRNG when ``secure``."""
+    rate = clients_per_round / num_clients
+    if not secure:
+        if poisson:
+            return sample_poisson(num_clients, rate, seed, round_idx)
+        return sample_clients(num_clients, clients_per_round, seed, round_idx)
+    stream = CsprngStream()
     if poisson:
-        rate = clients_per_round / num_clients
-        return sample_poisson(num_clients, rate, seed, round_idx)
-    return sample_clients(num_clients, clients_per_round, seed, round_idx)
+        return torch.nonzero(stream.uniform(num_clients) < rate).flatten().tolist()
+    pool = list(range(num_clients))
+    for i in range(clients_per_round):  # a partial Fisher-Yates shuffle
+        j = i + stream.below(num_clients - i)
+        pool[i], pool[j] = pool[j], pool[i]
+    return sorted(pool[:clients_per_round])
