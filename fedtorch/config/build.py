@@ -31,6 +31,7 @@ from fedtorch.config.validate import (
 from fedtorch.data import partition as partition_lib
 from fedtorch.data.datasets import DataBundle, materialize, stream
 from fedtorch.data.silos import Silos, load_silos, served_silos, silo_specs
+from fedtorch.data.text_files import per_client_statistics
 from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.logging.files import write_json
 from fedtorch.models.memory_format import set_memory_format
@@ -171,6 +172,10 @@ def _load_data(spec: dict[str, Any]) -> DataBundle:
     return loaded
 
 
+# Partitioners that do not read the rows' classes (a language model's rows have none).
+_CLASS_FREE = {"fedtorch.data.partition.iid", "fedtorch.data.partition.quantity"}
+
+
 def _setup_partition(cfg: DictConfig, data: DataBundle) -> list[torch.Tensor]:
     shards = _split_clients(cfg, data, cfg.num_clients, cfg.seed, "num_clients")
     return [s.to(data.train_y.device) for s in shards]
@@ -188,6 +193,13 @@ def _split_clients(
     elif num_clients is None:
         raise ConfigError(key, "null is only allowed with partition=natural; give a number >= 1")
     labels = data.labels_for_partition.cpu()
+    if not data.has_row_classes and not extra and cfg.partition._target_ not in _CLASS_FREE:
+        kind = str(cfg.partition._target_).rsplit(".", 1)[-1]
+        raise ConfigError(
+            "partition",
+            f"{kind} splits rows by class, but the rows of {data.name} (a language model) have "
+            "none; set data.category_column (dataset=text) or use partition=iid or quantity",
+        )
     shards = split(labels, num_clients=num_clients, seed=seed, **extra)
     expected = num_clients if num_clients is not None else len(shards)
     if len(shards) != expected:
@@ -202,6 +214,19 @@ def _split_clients(
             "use fewer clients or another split",
         )
     return shards
+
+
+def _check_natural_clients(cfg: DictConfig, data: DataBundle, num_clients: int) -> None:
+    """A client column that gives fewer clients than ``clients_per_round`` asks for."""
+    column = (data.stats or {}).get("client_column") if data.client_indices else None
+    wanted = cfg.clients_per_round
+    if column is None or not isinstance(wanted, int) or wanted <= num_clients:
+        return
+    raise ConfigError(
+        "clients_per_round",
+        f"{wanted}, but data.client_column={column!r} gives {num_clients} client(s); lower "
+        "clients_per_round or use another partition (num_clients=N partition=iid)",
+    )
 
 
 def _setup_silos(
@@ -245,7 +270,8 @@ def _setup_model(
     provided = {
         "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
-        "vocab_size": data.num_classes,
+        "vocab_size": data.vocab_size or data.num_classes,
+        "pad_token_id": data.pad_id,
     }
     kwargs = {
         k: provided[k] for k in _accepted(cfg.model._target_, tuple(provided)) if k not in cfg.model
@@ -257,6 +283,7 @@ def _setup_model(
             raise ConfigError(
                 "model._target_", f"must build an nn.Module, got {type(model).__name__}"
             )
+        _check_positions(model, data)
         if cfg.get("init_from"):
             load_initial_weights(model, Path(str(cfg.init_from)).expanduser())
         model = adapter.apply(model)  # LoRA's A is initialised from the same seeded stream
@@ -280,6 +307,21 @@ def _setup_model(
             f"needs {task.describe_output(data.num_classes)}",
         )
     return model
+
+
+def _check_positions(model: nn.Module, data: DataBundle) -> None:
+    """Rows of token ids no longer than the positions the model has (``max_positions``,
+    which ``model=hf`` reads from its config): a longer row fails deep in the forward."""
+    limit = getattr(model, "max_positions", None)
+    x = data.train_x
+    if limit is None or not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] <= limit:
+        return
+    raise ConfigError(
+        "data.sequence_length",
+        f"rows of {x.shape[1]} tokens are longer than the model's {limit} positions; set "
+        f"data.sequence_length={limit} or less (dataset=text cuts longer rows with "
+        "data.truncation=true)",
+    )
 
 
 def _setup_logger(cfg: DictConfig, run_dir: Path) -> Any:
@@ -356,12 +398,15 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         data, shards, silos, stats = _setup_silos(cfg, device)
     else:
         data = _setup_data(cfg, device)
-        if data.stats is not None:
-            write_json(run_dir / "dataset.json", data.stats)
         shards = _setup_partition(cfg, data)
+        if data.stats is not None:
+            if data.row_tokens is not None:
+                data.stats["split"] = per_client_statistics(data, shards)
+            write_json(run_dir / "dataset.json", data.stats)
         classes = data.num_classes if data.partition_labels is None else None
         stats = partition_lib.statistics(shards, data.labels_for_partition, classes)
     num_clients = len(shards)
+    _check_natural_clients(cfg, data, num_clients)
     clients_per_round = cohort_size(num_clients, cfg.clients_per_round, cfg.fraction)
     write_json(run_dir / "partition.json", stats)
 

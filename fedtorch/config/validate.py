@@ -165,7 +165,8 @@ def check_eval_local(partition_target_accepts_clients: bool, data: Any, trainer:
         raise ConfigError(
             "eval_local",
             "needs each client's own test data: a dataset with natural clients "
-            "(dataset=shakespeare) and partition=natural",
+            "(dataset=shakespeare, or dataset=text with data.client_column) and "
+            "partition=natural",
         )
     if not trainer.local_keys:
         raise ConfigError(

@@ -51,6 +51,11 @@ class DataBundle:
         partition_labels: a class per training row for the label-based partitioners when
             ``train_y`` is not one (a language model's play, say); None: ``train_y``.
         stats: statistics of the dataset, written to the run folder as ``dataset.json``.
+        vocab_size: a text dataset's vocabulary (the model's embedding rows) when
+            ``num_classes`` is not it (classification); None: ``num_classes``.
+        pad_id: the input id that pads a row of token ids (the model masks it), or None.
+        row_tokens: real (non-pad) input tokens of each training row [N_train], for the
+            per-client statistics of a text dataset; None for other data.
     """
 
     train_x: torch.Tensor | DatasetInputs
@@ -65,6 +70,9 @@ class DataBundle:
     test_client_indices: list[torch.Tensor] | None = None
     partition_labels: torch.Tensor | None = None
     stats: dict[str, Any] | None = None
+    vocab_size: int | None = None
+    pad_id: int | None = None
+    row_tokens: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -104,8 +112,18 @@ class DataBundle:
 
     @property
     def labels_for_partition(self) -> torch.Tensor:
-        """One class per training row, for the label-based partitioners."""
-        return self.partition_labels if self.partition_labels is not None else self.train_y
+        """One class per training row, for the label-based partitioners; a language model
+        without ``partition_labels`` has one class (all zeros: see ``has_row_classes``)."""
+        if self.partition_labels is not None:
+            return self.partition_labels
+        if self.train_y.ndim > 1:
+            return torch.zeros(len(self.train_y), dtype=torch.long, device=self.train_y.device)
+        return self.train_y
+
+    @property
+    def has_row_classes(self) -> bool:
+        """Whether each training row has a class of its own (labels or partition labels)."""
+        return self.partition_labels is not None or self.train_y.ndim == 1
 
 
 class ImageArrayDataset(torch.utils.data.Dataset):

@@ -86,7 +86,8 @@ def natural(
     if clients is None:
         raise ConfigError(
             "partition",
-            f"natural needs a dataset with its own clients (dataset=shakespeare); {dataset} "
+            "natural needs a dataset with its own clients (dataset=shakespeare, or "
+            f"dataset=text with data.client_column); {dataset} "
             "has none: use iid, dirichlet, label_skew, shards or quantity",
         )
     if num_clients is not None and num_clients != len(clients):

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from fedtorch.errors import ConfigError, require
+from fedtorch.errors import ConfigError, packaged_path, require
 
 # TFF's (and Reddi et al. 2021's) Shakespeare character set, in its order.
 CHARS = "dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r"
@@ -75,15 +76,23 @@ class Vocabulary:
 CHARACTERS = Vocabulary("characters", encode, VOCAB_SIZE, BOS, EOS)
 
 
-def load_tokenizer(name_or_path: str) -> Vocabulary:
-    """A Hugging Face tokenizer (``AutoTokenizer.from_pretrained``: a folder, or a hub id in
-    the local cache) as a :class:`Vocabulary`; one-line ConfigError if it cannot be used."""
-    transformers = require("transformers", "data.tokenizer", "data.tokenizer")
+def load_hf_tokenizer(name_or_path: str, key: str = "data.tokenizer") -> Any:
+    """A Hugging Face tokenizer (``AutoTokenizer.from_pretrained``: a folder, a
+    ``pkg:PACKAGE/FOLDER`` inside an installed package, or a hub id in the local cache);
+    one-line ConfigError on ``key`` if it cannot be loaded."""
+    transformers = require("transformers", key, key)
+    where = packaged_path(str(name_or_path), key)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(name_or_path))
+        return transformers.AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0][:200]
-        raise ConfigError("data.tokenizer", f"cannot load {name_or_path!r}: {reason}") from exc
+        raise ConfigError(key, f"cannot load {name_or_path!r}: {reason}") from exc
+
+
+def load_tokenizer(name_or_path: str) -> Vocabulary:
+    """A Hugging Face tokenizer (:func:`load_hf_tokenizer`) as a :class:`Vocabulary`;
+    one-line ConfigError if it cannot be used."""
+    tokenizer = load_hf_tokenizer(name_or_path)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("data.tokenizer", f"{name_or_path!r} has no end-of-text token")

