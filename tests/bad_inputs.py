@@ -241,6 +241,11 @@ CASES: list[tuple[str, list[str], str]] = [
         "resume: no checkpoint in {tmp}/checkpoints",
     ),
     (
+        "resume from a file that is not a run's checkpoint",
+        ["resume={data}/magic/t10k-labels-idx1-ubyte"],
+        "resume: {data}/magic/t10k-labels-idx1-ubyte is not a checkpoint of a run",
+    ),
+    (
         "secure mode that is not a boolean",
         ["privacy=dp_central", "privacy.secure_mode=maybe"],
         "privacy.secure_mode: must be true, false or null, got 'maybe'",

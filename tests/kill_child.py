@@ -56,7 +56,7 @@ def arm(when: str) -> None:
     elif kind == "checkpoint-write":
         original_write = checkpoint.atomic_write
 
-        def write_half_then_die(path, write):
+        def write_half_then_die(path, write, **options):
             if Path(path).name == f"round_{target:06d}.pt":
                 buffer = io.BytesIO()
                 write(buffer)
@@ -64,7 +64,7 @@ def arm(when: str) -> None:
                 partial = Path(path).with_name(f".{Path(path).name}.partial.tmp")
                 partial.write_bytes(payload[: len(payload) // 2])
                 die()
-            original_write(path, write)
+            original_write(path, write, **options)
 
         checkpoint.atomic_write = write_half_then_die
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from fedtorch.data.datasets import DataBundle, materialize, stream
 from fedtorch.data.silos import Silos, load_silos, served_silos, silo_specs
 from fedtorch.data.text_files import per_client_statistics
 from fedtorch.errors import ConfigError, DataError, FedtorchError
-from fedtorch.logging.files import write_json
+from fedtorch.logging.files import RunLock, write_json
 from fedtorch.models.memory_format import set_memory_format
 from fedtorch.models.weights import load_initial_weights
 from fedtorch.server import checkpoint
@@ -344,6 +345,13 @@ def resume_target(cfg: DictConfig) -> tuple[Path | None, Path | None]:
         return None, None
     path = Path(str(value)).expanduser()
     if path.is_file():
+        name = re.fullmatch(r"round_\d+\.pt", path.name)
+        if not name or path.parent.name != checkpoint.CHECKPOINT_DIR:
+            raise ConfigError(
+                "resume",
+                f"{path} is not a checkpoint of a run: give RUN/{checkpoint.CHECKPOINT_DIR}/"
+                "round_NNNNNN.pt or the run folder RUN",
+            )
         return path.parent.parent, path
     if path.is_dir():
         return path, None
@@ -360,6 +368,12 @@ def _checkpointing(cfg: DictConfig, run_dir: Path) -> CheckpointSettings:
             "resume",
             f"no checkpoint in {run_dir / checkpoint.CHECKPOINT_DIR}; pass resume=RUN_FOLDER "
             "of a run that wrote checkpoints (checkpoint.every > 0)",
+        )
+    elif not resume and checkpoint.list_checkpoints(run_dir):
+        raise ConfigError(
+            "resume",
+            f"false, but {run_dir} holds checkpoints of a run; continue it with resume=true "
+            "(or auto), or give this run another folder",
         )
     return CheckpointSettings(
         every=cfg.checkpoint.every,
@@ -391,6 +405,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         raise ConfigError(
             "hydra.run.dir", f"output folder {run_dir} is not writable ({exc.strerror})"
         ) from exc
+    run_lock = RunLock(run_dir)  # one writer per run folder, released when the run ends
 
     checkpointing = _checkpointing(cfg, run_dir)
     silos = None
@@ -443,7 +458,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     strategy = _instantiate(cfg.strategy, "strategy")
     strategy.bind(RunContext.of(trainer, layout, num_clients, clients_per_round, run_dir))
     privacy = _instantiate(cfg.privacy, "privacy", seed=cfg.seed)
-    privacy.bind(num_clients, clients_per_round, cfg.rounds)
+    secure = privacy.secure_mode
+    if secure is None:  # on where parties differ: silos hold other organisations' data
+        secure = cfg.data.get("silos") is not None
+    privacy.bind(num_clients, clients_per_round, cfg.rounds, bool(secure))
+    if hasattr(trainer, "secure"):  # client=dpsgd draws its noise and batches the same way
+        trainer.secure = bool(secure)
     secure_agg = _instantiate(cfg.secure_aggregation, "secure_aggregation", seed=cfg.seed)
     secure_agg.bind(
         privacy.clip_norm if privacy.enabled else None,
@@ -537,5 +557,6 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
             },
             adapter,
         ),
+        run_lock=run_lock,
         extra_summary={"dataset": data.name, "device": str(device), "partition": stats["summary"]},
     )

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedtorch.logging.files import atomic_write
+from fedtorch.logging.files import atomic_write, fsync_folder
 
 
 def save_state(state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -90,13 +90,25 @@ def checkpoint_path(run_dir: Path, round_idx: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, round_idx: int, payload: dict, keep: int) -> Path:
-    """Write ``payload`` atomically as round ``round_idx``'s checkpoint; keep the last ``keep``."""
+    """Write ``payload`` atomically as round ``round_idx``'s checkpoint (owner-only: it holds
+    per-client state); keep the last ``keep`` rounds up to this one. Checkpoints of later
+    rounds belong to a run this one no longer continues (it resumed from an older one) and
+    are removed, so pruning never deletes the newest round of this run."""
     path = checkpoint_path(run_dir, round_idx)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda fh: torch.save(payload, fh))
-    for old in list_checkpoints(run_dir)[keep:]:
+    atomic_write(path, lambda fh: torch.save(payload, fh), private=True)
+    found = list_checkpoints(run_dir)
+    later = [p for p in found if checkpoint_round(p) > round_idx]
+    upto = [p for p in found if checkpoint_round(p) <= round_idx]
+    for old in later + upto[keep:]:
         old.unlink(missing_ok=True)
+    fsync_folder(path.parent)
     return path
+
+
+def checkpoint_round(path: Path) -> int:
+    """The round a checkpoint file (``round_NNNNNN.pt``) was written after."""
+    return int(Path(path).stem.split("_", 1)[1])
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

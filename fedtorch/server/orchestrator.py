@@ -17,7 +17,7 @@ from fedtorch.client.trainer import ClientTrainer
 from fedtorch.data.datasets import DataBundle
 from fedtorch.engines.process_group import DistributedError
 from fedtorch.errors import FedtorchError
-from fedtorch.logging.files import write_json
+from fedtorch.logging.files import RunLock, write_json
 from fedtorch.logging.metrics import MetricsLogger
 from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite
 from fedtorch.privacy.release import PrivateRound
@@ -86,6 +86,7 @@ class Orchestrator:
     evaluator: Evaluator
     checkpoints: RunCheckpoints
     extra_summary: dict[str, Any] = field(default_factory=dict)
+    run_lock: RunLock | None = None
 
     def __post_init__(self) -> None:
         self.shards, self.run_dir = list(self.shards), Path(self.run_dir)
@@ -107,15 +108,19 @@ class Orchestrator:
     def run(self) -> dict[str, Any]:
         """Train for all rounds (or until the target); return the summary (also written)."""
         try:
-            summary = self._run()
-        except (Interrupted, KeyboardInterrupt):
-            self.logger.close(status="interrupted")
-            raise
-        except BaseException:
-            self.logger.close(status="failed")
-            raise
-        self.logger.close(summary)
-        return summary
+            try:
+                summary = self._run()
+            except (Interrupted, KeyboardInterrupt):
+                self.logger.close(status="interrupted")
+                raise
+            except BaseException:
+                self.logger.close(status="failed")
+                raise
+            self.logger.close(summary)
+            return summary
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
 
     def _run(self) -> dict[str, Any]:
         s = self.settings

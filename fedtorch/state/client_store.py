@@ -66,7 +66,8 @@ class ClientStateStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.path = path
             for name, file in (("rows", path), ("staged", path.with_suffix(".staged.bin"))):
-                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.fchmod(fd, 0o600)  # per-client state: owner-only, also if it existed
                 os.ftruncate(fd, num_clients * size * 4)
                 self._files[name] = fd
 

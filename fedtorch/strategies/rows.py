@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedtorch.logging.files import private_file
+
 # A column block of K rows is sized so the rule's temporaries stay within the budget:
 # the block read from disk, a float64 copy and its square for distances, or sorted values
 # and int64 indices for medians: about 6x the block's float32 bytes.
@@ -64,7 +66,7 @@ class RowStore:
                 raise ValueError("a RowStore that may spill needs a folder")
             Path(folder).mkdir(parents=True, exist_ok=True)
             self.path = Path(folder) / "rows.bin"
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fd = private_file(self.path)  # clients' updates: owner-only
 
     @classmethod
     def of(cls, rows: torch.Tensor) -> RowStore:
