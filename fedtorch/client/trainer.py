@@ -23,6 +23,7 @@ from fedtorch.results import ClientError, ClientResult, ClientTask, resolve
 from fedtorch.state.layout import StateLayout
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class ClientTrainer:
@@ -54,9 +55,16 @@ class ClientTrainer:
         precision: ``32``, ``bf16-mixed`` (autocast to bfloat16; CPU or CUDA) or
             ``16-mixed`` (autocast to float16 with a gradient scaler; CUDA only). The
             builder passes the top-level ``precision``.
+        lr_schedule: the local learning rate over rounds: ``constant`` (the optimizer's
+            ``lr``) or ``cosine`` (FlowerTune's: round r of R trains with
+            ``lr_min + (lr - lr_min) (1 + cos(pi r / R)) / 2``, so the last round uses
+            ``lr_min``). It depends on the round only, so a resumed run continues exactly.
+        lr_min: the learning rate the cosine schedule ends at.
+        rounds: the run's rounds R (the builder passes the top-level ``rounds``).
 
     Raises:
-        ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range.
+        ConfigError: ``epochs``, ``steps`` or ``batch_size`` out of range; an unknown
+            ``lr_schedule`` or an ``lr_min`` that is not in [0, lr].
     """
 
     # Whether local training is correct with channels_last conv weights (memory_format).
@@ -78,6 +86,9 @@ class ClientTrainer:
         task: Task | None = None,
         grad_accum_steps: int = 1,
         precision: str | int = "32",
+        lr_schedule: str = "constant",
+        lr_min: float = 0.0,
+        rounds: int | None = None,
     ) -> None:
         if steps is None and (not isinstance(epochs, int) or epochs < 1):
             raise ConfigError("client.epochs", f"must be an integer >= 1, got {epochs!r}")
@@ -91,6 +102,22 @@ class ClientTrainer:
         self.train_y = train_y
         self.optimizer = optimizer
         self.local_optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
+        self.base_lrs = [group["lr"] for group in self.local_optimizer.param_groups]
+        if lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                "client.lr_schedule",
+                f"must be one of {', '.join(LR_SCHEDULES)}, got {lr_schedule!r}",
+            )
+        if (
+            isinstance(lr_min, bool)
+            or not isinstance(lr_min, (int, float))
+            or not (0 <= lr_min <= min(self.base_lrs))
+        ):
+            raise ConfigError(
+                "client.lr_min",
+                f"must be in [0, client.optimizer.lr={min(self.base_lrs)}], got {lr_min!r}",
+            )
+        self.lr_schedule, self.lr_min, self.rounds = lr_schedule, float(lr_min), rounds
         self.epochs = epochs
         self.steps = steps
         self.batch_size = batch_size
@@ -124,6 +151,13 @@ class ClientTrainer:
         # (commit_local_state), so an interrupted round leaves no trace.
         self.local_state: dict[int, dict[str, torch.Tensor]] = {}
         self.pending_local_state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def learning_rates(self, round_idx: int) -> list[float]:
+        """Each parameter group's learning rate in round ``round_idx`` (1-based)."""
+        if self.lr_schedule == "constant" or not self.rounds:
+            return list(self.base_lrs)
+        scale = 0.5 * (1.0 + math.cos(math.pi * min(round_idx, self.rounds) / self.rounds))
+        return [self.lr_min + (lr - self.lr_min) * scale for lr in self.base_lrs]
 
     def num_steps(self, num_samples: int, steps: int | None = None) -> int:
         """Local steps a client with ``num_samples`` samples takes in one round.
@@ -183,8 +217,14 @@ class ClientTrainer:
             return len(indices)
         return int(self.sample_sizes[indices.to(self.sample_sizes.device)].sum())
 
-    def loss_at_current_weights(self, indices: torch.Tensor, batch_size: int = 2048) -> float:
-        """Mean loss of the model as loaded on the client's data (eval mode)."""
+    def loss_at_current_weights(
+        self, indices: torch.Tensor, batch_size: int | None = None
+    ) -> float:
+        """Mean loss of the model as loaded on the client's data (eval mode). Batches of
+        2048 rows for a classifier; a language model's logits [B, T, V] are large, so its
+        batches are the training batch size (whose logits fit, with their gradients)."""
+        if batch_size is None:
+            batch_size = 2048 if isinstance(self.task, Classification) else self.batch_size
         model = self.model
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
@@ -291,6 +331,9 @@ class ClientTrainer:
         )
         optimizer = self.local_optimizer
         optimizer.state.clear()
+        if self.lr_schedule != "constant":
+            for group, lr in zip(optimizer.param_groups, self.learning_rates(round_idx)):
+                group["lr"] = lr
         mu = self.prox_mu + task.prox_mu
         params = dict(model.named_parameters())
         anchors = {n: global_state[n] for n in params} if mu else {}

@@ -26,6 +26,7 @@ from fedtorch.config.validate import (
     check_components,
     check_engine_and_attack,
     check_eval_local,
+    check_lr_schedule,
     resolve_device,
     validate_config,
 )
@@ -445,6 +446,11 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         seed=cfg.seed,
         task=data.task,
         precision=cfg.precision,
+        **(
+            {"rounds": cfg.rounds}
+            if "rounds" in _accepted(cfg.client._target_, ("rounds",))
+            else {}
+        ),
     )
     set_memory_format(cfg.memory_format, model, trainer, data.train_x[:2], device)
     if cfg.eval_local:
@@ -453,6 +459,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     engine = _instantiate(cfg.engine, "engine")
     if hasattr(engine, "check"):
         engine.check(trainer)
+    check_lr_schedule(engine, trainer)
     if silos is not None and silos.rank_of_silo is not None:
         engine.place_clients(silos.rank_of_client)
     strategy = _instantiate(cfg.strategy, "strategy")
@@ -517,6 +524,7 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         folded_keys,
         compression,
         secure_agg.bits if secure_agg.enabled else None,
+        cfg.communication_budget_mb,
     )
     evaluator = Evaluator(
         model,
@@ -528,6 +536,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
         silos=silos,
         engine=engine,
         local_state=lambda: trainer.local_state,
+        max_batches=cfg.eval_max_batches,
+        memory_mb=cfg.eval_memory_mb,
     )
     return Orchestrator(
         model=model,

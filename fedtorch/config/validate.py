@@ -83,6 +83,10 @@ def validate_config(cfg: DictConfig) -> None:
     _int(cfg, "num_clients", 1, allow_none=True)
     _int(cfg, "eval_every", 1)
     _int(cfg, "eval_batch_size", 1)
+    _int(cfg, "eval_max_batches", 1, allow_none=True)
+    memory = cfg.get("eval_memory_mb")
+    if isinstance(memory, bool) or not isinstance(memory, (int, float)) or not memory > 0:
+        raise ConfigError("eval_memory_mb", f"must be a number > 0, got {memory!r}")
     _int(cfg, "torch_threads", 1, allow_none=True)
     if cfg.get("memory_format") not in MEMORY_FORMATS:
         raise ConfigError(
@@ -109,6 +113,13 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.get("on_client_failure") not in ("drop", "raise"):
         raise ConfigError(
             "on_client_failure", f"must be drop or raise, got {cfg.get('on_client_failure')!r}"
+        )
+    budget_mb = cfg.get("communication_budget_mb")
+    if budget_mb is not None and (
+        isinstance(budget_mb, bool) or not isinstance(budget_mb, (int, float)) or not budget_mb > 0
+    ):
+        raise ConfigError(
+            "communication_budget_mb", f"must be null or a number > 0, got {budget_mb!r}"
         )
     target = cfg.get("target_accuracy")
     if target is not None and (
@@ -173,6 +184,18 @@ def check_eval_local(partition_target_accepts_clients: bool, data: Any, trainer:
             "eval_local",
             "evaluates each client's local keys, but no key is local; add key_rules with "
             "rule: local (e.g. [{pattern: '.*', rule: local}] for local-only training)",
+        )
+
+
+def check_lr_schedule(engine: Any, trainer: Any) -> None:
+    """A round-wise learning rate needs an engine that trains through the client trainer
+    (engine=vectorized builds its own optimizer for each cohort, at the configured lr)."""
+    schedule = getattr(trainer, "lr_schedule", "constant")
+    if schedule != "constant" and type(engine).__name__ == "VectorizedEngine":
+        raise ConfigError(
+            "client.lr_schedule",
+            f"{schedule} sets each round's lr in the client trainer, which engine=vectorized "
+            "does not use; use engine=sequential (or distributed)",
         )
 
 

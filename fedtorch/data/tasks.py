@@ -18,6 +18,7 @@ plain batch does.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,10 @@ class Classification:
 
     def extra_metrics(self, loss: float) -> dict[str, float]:
         return {}
+
+    def evaluation_rows(self, batch_size: int, inputs: Any, outputs: int, memory_mb: float) -> int:
+        """Rows of an evaluation batch: ``batch_size`` (a classifier's logits are small)."""
+        return batch_size
 
 
 class LanguageModel:
@@ -112,6 +117,13 @@ class LanguageModel:
 
     def extra_metrics(self, loss: float) -> dict[str, float]:
         return {"test_perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+    def evaluation_rows(self, batch_size: int, inputs: Any, outputs: int, memory_mb: float) -> int:
+        """Rows of an evaluation batch whose float32 logits [rows, T, V] fit in
+        ``memory_mb`` (at least one row, at most ``batch_size``): a batch of 2048 rows of
+        512 tokens over a 32k vocabulary would otherwise hold 137 GB of logits."""
+        per_row = int(inputs.shape[1]) * int(outputs) * 4
+        return max(1, min(batch_size, int(memory_mb * 2**20) // max(per_row, 1)))
 
 
 Task = Classification | LanguageModel

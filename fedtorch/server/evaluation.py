@@ -4,12 +4,19 @@
 process, shared by the ranks of ``engine=distributed`` (per-batch terms added in batch
 order: the one-process totals bit for bit), or federated across silos (each silo's totals
 on its own test split, added in silo order); with ``eval_local`` every client's own model
-on its own test rows; with ``eval_clients`` the accuracy of each client's training data.
+on its own test rows; with ``eval_clients`` the accuracy of each client's training data
+(and, for a language model, each client's loss).
+
+Memory: a language model's evaluation batch holds float32 logits [rows, T, V]; its rows are
+``eval_batch_size`` or fewer, so that they fit in ``eval_memory_mb``. ``eval_max_batches``
+evaluates only the first batches of the test set (a fixed subset, the same every round).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,6 +26,9 @@ from fedtorch.data.datasets import DataBundle
 from fedtorch.data.loading import DatasetInputs, in_order
 from fedtorch.data.silos import Silos
 from fedtorch.data.tasks import Classification, Task
+from fedtorch.errors import ConfigError
+
+log = logging.getLogger("fedtorch")
 
 
 @torch.inference_mode()
@@ -113,20 +123,40 @@ def per_client_accuracy(
     ``owner[i]`` is the client holding training sample ``i`` (-1 if none). One pass over the
     training set, then a scatter by owner.
     """
+    totals = per_client_totals(model, x, y, owner, num_clients, batch_size, task)
+    return (totals[:, 2] / totals[:, 3].clamp_min(1)).float()
+
+
+@torch.inference_mode()
+def per_client_totals(
+    model: nn.Module,
+    x: torch.Tensor | DatasetInputs,
+    y: torch.Tensor,
+    owner: torch.Tensor,
+    num_clients: int,
+    batch_size: int = 2048,
+    task: Task | None = None,
+) -> torch.Tensor:
+    """Each client's summed loss, loss count, hits and predictions on its own data,
+    float64 [num_clients, 4] on the CPU. ``owner[i]`` is the client holding training
+    sample ``i`` (-1 if none). One pass over the training set, then a scatter by owner."""
     task = task or Classification()
     model.eval()
-    correct = torch.empty(len(x), device=x.device)
-    predicted = torch.empty(len(x), device=x.device)
+    terms = torch.empty(len(y), 4, dtype=torch.float64, device=y.device)
     start = 0
     for xb, yb in in_order(x, y, batch_size):
-        _, _, hits, total = task.per_sample(model(xb), yb)
-        correct[start : start + len(yb)] = hits
-        predicted[start : start + len(yb)] = total
+        terms[start : start + len(yb)] = torch.stack(
+            [t.to(torch.float64) for t in task.per_sample(model(xb), yb)], dim=1
+        )
         start += len(yb)
     held = owner >= 0
-    hits = torch.bincount(owner[held], weights=correct[held], minlength=num_clients)
-    sizes = torch.bincount(owner[held], weights=predicted[held], minlength=num_clients)
-    return (hits / sizes.clamp_min(1)).cpu()
+    return torch.stack(
+        [
+            torch.bincount(owner[held], weights=terms[held, i], minlength=num_clients)
+            for i in range(4)
+        ],
+        dim=1,
+    ).cpu()
 
 
 def worst_fraction_mean(values: torch.Tensor, fraction: float = 0.1) -> float:
@@ -158,6 +188,10 @@ class Evaluator:
         engine: the round engine; one that evaluates across ranks has
             ``evaluate_shared``/``evaluate_silos``.
         local_state: each client's local keys (the client trainer's), read when evaluated.
+        max_batches: ``eval_max_batches``: evaluate the first this many test batches only
+            (None: all); ``data`` then holds only those test rows.
+        memory_mb: ``eval_memory_mb``: a language model's evaluation batches hold fewer rows
+            than ``batch_size`` where their logits would not fit in it.
     """
 
     def __init__(
@@ -172,7 +206,26 @@ class Evaluator:
         silos: Silos | None = None,
         engine: Any = None,
         local_state: Any = None,
+        max_batches: int | None = None,
+        memory_mb: float | None = None,
     ) -> None:
+        if memory_mb is not None and isinstance(data.test_x, torch.Tensor):
+            rows = data.task.evaluation_rows(batch_size, data.test_x, data.num_classes, memory_mb)
+            if rows < batch_size:
+                log.info(
+                    "evaluation: batches of %d rows (eval_batch_size=%d, but %d rows of "
+                    "[T=%d, V=%d] float32 logits fill eval_memory_mb=%g)",
+                    rows,
+                    batch_size,
+                    rows,
+                    data.test_x.shape[1],
+                    data.num_classes,
+                    memory_mb,
+                )
+            batch_size = rows
+        self.all_test = data  # every test row: each client's own (eval_local) index into it
+        if max_batches is not None:
+            data = _first_batches(data, max_batches, batch_size, silos)
         self.model, self.data, self.batch_size = model, data, batch_size
         self.local, self.silos, self.engine = local, silos, engine
         self.local_state = local_state or dict
@@ -198,7 +251,7 @@ class Evaluator:
         if self.local:
             out.update(self._evaluate_local(global_state))
         if self.owner is not None:
-            accs = per_client_accuracy(
+            totals = per_client_totals(
                 self.model,
                 data.train_x,
                 data.train_y,
@@ -207,8 +260,13 @@ class Evaluator:
                 self.batch_size,
                 task,
             )
+            accs = (totals[:, 2] / totals[:, 3].clamp_min(1)).float()
             out["client_accuracy_mean"] = float(accs.mean())
             out["client_accuracy_worst10"] = worst_fraction_mean(accs, 0.1)
+            if task.name == "language_model":  # loss on the learned tokens, per client
+                losses = (totals[:, 0] / totals[:, 1].clamp_min(1)).float()
+                out["client_loss_mean"] = float(losses.mean())
+                out["client_loss_worst10"] = -worst_fraction_mean(-losses, 0.1)
         return out
 
     def silo_totals_here(self) -> dict[int, torch.Tensor]:
@@ -245,7 +303,7 @@ class Evaluator:
         """Every client's own model (the global one with its ``local`` keys) on its own test
         rows, pooled over all clients' test data. A client that never trained uses the
         global model."""
-        data = self.data
+        data = self.all_test
         own_keys = self.local_state()
         totals = torch.zeros(4, dtype=torch.float64, device=data.test_x.device)
         for client, rows in enumerate(data.test_client_indices or []):
@@ -259,7 +317,35 @@ class Evaluator:
                 self.model, data.test_x, data.test_y, self.batch_size, data.task, rows
             )
         self.model.load_state_dict(global_state)
-        return pooled(totals, "local_test")
+        out = pooled(totals, "local_test")
+        extra = data.task.extra_metrics(out["local_test_loss"])
+        return out | {f"local_{k}": v for k, v in extra.items()}
+
+
+def _first_batches(
+    data: DataBundle, max_batches: int, batch_size: int, silos: Silos | None
+) -> DataBundle:
+    """``data`` with only its first ``max_batches`` test batches (``eval_max_batches``)."""
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ConfigError(
+            "eval_max_batches", f"must be null or an integer >= 1, got {max_batches!r}"
+        )
+    if silos is not None or not isinstance(data.test_x, torch.Tensor):
+        raise ConfigError(
+            "eval_max_batches",
+            "needs the test set in memory in one place (not data.silos or data.in_memory=false)",
+        )
+    rows = min(len(data.test_y), max_batches * batch_size)
+    if rows < len(data.test_y):
+        log.info(
+            "evaluation: at most eval_max_batches=%d batches of %d rows: the first %d of the "
+            "%d test rows",
+            max_batches,
+            batch_size,
+            rows,
+            len(data.test_y),
+        )
+    return replace(data, test_x=data.test_x[:rows], test_y=data.test_y[:rows])
 
 
 def _owner_map(train_y: torch.Tensor, shards: Sequence[torch.Tensor]) -> torch.Tensor:

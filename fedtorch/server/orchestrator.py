@@ -58,7 +58,8 @@ class Orchestrator:
        rank 0 evaluates.
     8. Evaluate every ``eval_every`` rounds and on the last (:class:`Evaluator`); log the
        row; checkpoint when due (:mod:`~fedtorch.server.resume`).
-    9. Stop early once test accuracy reaches ``target_accuracy``.
+    9. Stop early once test accuracy reaches ``target_accuracy``, or once the bytes sent
+       reach ``communication_budget_mb`` (:mod:`~fedtorch.server.traffic`).
 
     After the last round: a final checkpoint, ``model.pt`` (and the adapter) and
     ``summary.json`` (:mod:`~fedtorch.server.summary`); the logger is closed with the
@@ -158,6 +159,11 @@ class Orchestrator:
                     self.logger.log(row)
                     if self.checkpoints.due(round_idx, s.rounds):
                         self._save_checkpoint(progress)
+                spent = self.traffic.budget_reached(progress)
+                if spent:
+                    log.info("%s", spent)
+                    self.extra_summary["communication_budget_reached"] = True
+                    break
                 best = progress.best_accuracy
                 if s.target_accuracy is not None and best is not None and best >= s.target_accuracy:
                     target_round = progress.best_round
@@ -238,6 +244,8 @@ class Orchestrator:
         if self.attack.malicious:
             row["malicious"] = sum(c.client_id in self.attack.malicious for c in pipeline.clients)
         row.update(weighted_train_metrics(pipeline.clients))
+        if getattr(self.trainer, "lr_schedule", "constant") != "constant":
+            row["lr"] = self.trainer.learning_rates(round_idx)[0]  # client.lr_schedule's
         return (pipeline if trained or self.privacy.enabled else None), row
 
     def _check_failures(self, pipeline: UpdatePipeline, round_idx: int) -> int:
@@ -293,11 +301,13 @@ class Orchestrator:
         """Send round ``round_idx + 1``'s clients to the workers before round
         ``round_idx`` is evaluated and checkpointed on rank 0, so they train while it does
         (engine=distributed). Runs that may stop early (a target accuracy, a privacy
-        budget) or evaluate on the workers (silos) do not start early."""
+        budget, a communication budget) or evaluate on the workers (silos) do not start
+        early."""
         if (
             not hasattr(self.engine, "start")
             or round_idx >= self.settings.rounds
             or self.settings.target_accuracy is not None
+            or self.traffic.budget_mb is not None
             or self.silos is not None
             or self.privacy.enabled
             or self.secure_agg.enabled

@@ -5,6 +5,9 @@ strategy's extra vectors (SCAFFOLD's server control variate) and the base weight
 exact LoRA aggregation folds each round; frozen (``keep``) weights once per client. Up,
 each reporting client sends its update and extra vectors: the encoded message with
 compression, ``bits``-wide ring elements under secure aggregation, float32 otherwise.
+
+``communication_budget_mb`` (FlowerTune's rule: 200,000 MB) ends a run after the round in
+which the bytes sent both ways reach it; a MB here is 2^20 bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from fedtorch.compression import Compression
 from fedtorch.compression.bits import packed_bytes
+from fedtorch.errors import ConfigError
 from fedtorch.server.progress import Progress
 from fedtorch.state.layout import StateLayout
 
@@ -32,8 +36,16 @@ class Traffic:
         folded_keys: Collection[str],
         compression: Compression,
         secure_bits: int | None,
+        budget_mb: float | None = None,
     ) -> None:
         self.layout, self.compression, self.secure_bits = layout, compression, secure_bits
+        if budget_mb is not None and (
+            isinstance(budget_mb, bool) or not isinstance(budget_mb, (int, float)) or budget_mb <= 0
+        ):
+            raise ConfigError(
+                "communication_budget_mb", f"must be null or a number > 0, got {budget_mb!r}"
+            )
+        self.budget_mb = budget_mb
         vector_bytes = layout.size * 4
         extra_down, extra_up = extra_vectors
         folded = sum(global_state[k].numel() * global_state[k].element_size() for k in folded_keys)
@@ -98,4 +110,17 @@ class Traffic:
             bytes_down_uncompressed=progress.bytes_down_uncompressed + down_raw + once,
             bytes_up_uncompressed=progress.bytes_up_uncompressed + up_raw,
             base_sent=base_sent,
+        )
+
+    def budget_reached(self, progress: Progress) -> str | None:
+        """The line saying the run stops, once the bytes sent up and down so far reach
+        ``communication_budget_mb``; None before (or without a budget)."""
+        if self.budget_mb is None:
+            return None
+        sent_mb = (progress.bytes_up + progress.bytes_down) / 2**20
+        if sent_mb < self.budget_mb:
+            return None
+        return (
+            f"communication budget: {sent_mb:,.1f} MB sent up and down after round "
+            f"{progress.round} reaches communication_budget_mb={self.budget_mb:g}; stopping"
         )
