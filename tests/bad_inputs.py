@@ -17,7 +17,7 @@ CASES: list[tuple[str, list[str], str]] = [
     (
         "unknown preset",
         ["+experiment=nope"],
-        "experiment: no option 'nope'; choose from fmnist_dirichlet",
+        "experiment: no option 'nope'; choose from flowertune, fmnist_dirichlet",
     ),
     (
         "unknown top-level key",
@@ -25,6 +25,12 @@ CASES: list[tuple[str, list[str], str]] = [
         "rounds_typo: no such key (check the spelling; +rounds_typo=VALUE adds a new one)",
     ),
     ("unknown nested key", ["client.optimizer.lrr=0.1"], "client.optimizer.lrr: no such key"),
+    (
+        "a group's key under the group's name",
+        ["dataset._target_=mypkg.load"],
+        "dataset._target_: no such key: the dataset group's keys are under data. (set "
+        "data._target_=VALUE",
+    ),
     (
         "unparsable override",
         ["rounds=[1"],

@@ -35,6 +35,8 @@ _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
 _MULTIRUN = ("-m", "--multirun")
 # Groups whose options come from Hydra plugins, installed with fedtorch's `sweep` extra.
 _PLUGIN_GROUPS = ("hydra/sweeper", "hydra/launcher")
+# Groups whose options put their keys elsewhere (their `# @package`): "" is the top level.
+_GROUP_PACKAGES = {"dataset": "data", "experiment": ""}
 _PLUGIN_HINT = 'Optuna sweeper, joblib and submitit launchers: pip install "fedtorch[sweep]"'
 
 
@@ -91,6 +93,9 @@ def _composition(exc: ConfigCompositionException) -> ConfigError:
     match = _NOT_OVERRIDABLE.search(text)
     if match and "not in struct" in str(exc.__cause__):
         key = match.group(1)
+        moved = _group_package(key)
+        if moved is not None:
+            return ConfigError(key, f"no such key: {moved}")
         return ConfigError(key, f"no such key (check the spelling; +{key}=VALUE adds a new one)")
     if match:
         return ConfigError(match.group(1), text.splitlines()[-1].strip())
@@ -98,6 +103,21 @@ def _composition(exc: ConfigCompositionException) -> ConfigError:
     if len(lines) > 1 and lines[0].endswith(":"):  # "... raised while composing config:" + why
         return ConfigError("config", f"{lines[0]} {lines[1]}")
     return ConfigError("config", lines[0] if lines else text)
+
+
+def _group_package(key: str) -> str | None:
+    """Where the keys of a group named by ``key`` live, when not under the group's name
+    (``dataset``'s under ``data.``, a preset's at the top), as advice; else None."""
+    group, _, rest = key.partition(".")
+    if group not in _GROUP_PACKAGES or not rest:
+        return None
+    package = _GROUP_PACKAGES[group]
+    if package:
+        return (
+            f"the {group} group's keys are under {package}. (set {package}.{rest}=VALUE; "
+            f"pick an option with {group}=NAME)"
+        )
+    return f"a preset's keys are top-level keys (set {rest}=VALUE)"
 
 
 def _unwritable(path: Path) -> str | None:
