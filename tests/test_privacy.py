@@ -13,7 +13,8 @@ from opacus.accountants import RDPAccountant
 from fedtorch.config.build import build
 from fedtorch.errors import ConfigError
 from fedtorch.privacy import DifferentialPrivacy, calibrate_noise, clip_rows
-from fedtorch.privacy.secagg import SecAggError, SecureAggregation, reconstruct, share
+from fedtorch.privacy.secagg import SecureAggregation
+from fedtorch.privacy.secagg_plus import SecAggAbort
 from tests.conftest import FAST, compose_config
 
 
@@ -98,55 +99,48 @@ def test_adaptive_clipping_follows_the_quantile():
         DifferentialPrivacy(noise_multiplier=5.0, adaptive_clipping=True).bind(100, 10, 5)
 
 
-def secure_sum(agg, updates, ids, round_idx=1, dropped=()):
-    messages, held, clipped = agg.mask(updates, ids, round_idx)
-    delivered = [c for c in ids if c not in dropped]
-    total = agg.unmask_sum(messages, ids, delivered, {h: held[h] for h in delivered}, round_idx)
-    return messages, total, clipped
+def secure_sum(agg, updates, ids, round_idx=1, failed=()):
+    """The unmasked sum of a SecAgg+ round whose clients in ``failed`` never submit."""
+    masking = agg.start_round(ids, round_idx, updates.shape[1])
+    for c, row in zip(ids, updates):
+        if c not in failed:
+            masking.submit(c, row)
+    return masking, masking.unmask()
 
 
-def test_secure_sum_equals_the_plain_sum_within_quantization():
-    agg = SecureAggregation(enabled=True, value_range=1.0, bits=32)
+def quantum(agg, cohort):
+    """One fixed-point step of the ring encoding (the rounding per client is half that)."""
+    return agg.value_range * len(cohort) / (2 ** (agg.bits - 1) - 1)
+
+
+@pytest.mark.parametrize("graph", ["sparse", "complete"])
+def test_secure_sum_equals_the_plain_sum_within_quantization(graph):
+    agg = SecureAggregation(enabled=True, value_range=1.0, bits=32, graph=graph)
     gen = torch.Generator().manual_seed(1)
-    updates = torch.rand(6, 5000, generator=gen) * 2 - 1
-    ids = [3, 7, 11, 12, 20, 31]
-    _, total, clipped = secure_sum(agg, updates, ids)
-    assert clipped == 0
-    step = 1 / agg.scale_for(len(ids))
-    assert (total - updates.double().sum(0)).abs().max() <= len(ids) * step
+    updates = torch.rand(12, 5000, generator=gen) * 2 - 1
+    ids = [3, 7, 11, 12, 20, 31, 32, 40, 41, 50, 60, 70]
+    masking, total = secure_sum(agg, updates, ids)
+    assert masking.clipped == 0 and masking.delivered == ids
+    assert (total - updates.double().sum(0)).abs().max() <= len(ids) * quantum(agg, ids)
 
 
-def test_a_masked_update_is_uncorrelated_with_the_update():
-    agg = SecureAggregation(enabled=True, value_range=1.0)
-    updates = torch.linspace(-1, 1, 100_000).repeat(4, 1)  # strongly structured input
-    messages, _, _ = secure_sum(agg, updates, [0, 1, 2, 3])
-    masked = messages[0].masked.double()
-    r = torch.corrcoef(torch.stack([masked, updates[0].double()]))[0, 1]
-    assert abs(r.item()) < 0.02
-    # ... and uniform over the ring.
-    assert masked.mean().item() / 2**32 == pytest.approx(0.5, abs=0.01)
-
-
-def test_dropouts_up_to_the_threshold_are_recovered_and_beyond_fail_loudly():
-    agg = SecureAggregation(enabled=True, value_range=1.0, threshold=0.6)
-    ids = list(range(10))  # threshold: ceil(0.6 * 10) = 6 survivors
+def test_clients_that_fail_or_drop_are_recovered_and_too_few_abort():
+    agg = SecureAggregation(enabled=True, value_range=1.0, threshold=0.6, graph="complete")
+    ids = list(range(10))  # complete graph, k = 9: threshold ceil(0.6 * 9) = 6
     updates = torch.rand(10, 1000) - 0.5
-    dropped = [1, 4, 5, 8]
-    _, total, _ = secure_sum(agg, updates, ids, dropped=dropped)
-    kept = [i for i in ids if i not in dropped]
-    assert torch.allclose(total, updates[kept].double().sum(0), atol=1e-6)
-    with pytest.raises(SecAggError, match="5 of 10 clients delivered, threshold 6"):
-        secure_sum(agg, updates, ids, dropped=[*dropped, 9])
+    failed = [1, 4, 5]
+    _, total = secure_sum(agg, updates, ids, failed=failed)
+    kept = [i for i in ids if i not in failed]
+    assert (total - updates[kept].double().sum(0)).abs().max() <= 10 * quantum(agg, ids)
+    with pytest.raises(SecAggAbort):
+        secure_sum(agg, updates, ids, failed=[*failed, 8, 9])
 
 
-def test_shamir_needs_the_threshold():
-    import random
-
-    shares = share(123456789, list(range(7)), threshold=4, rng=random.Random(0))
-    assert reconstruct({h: shares[h] for h in (0, 2, 5, 6)}, 4) == 123456789
-    assert reconstruct({h: shares[h] for h in (1, 2, 3)} | {6: shares[6]}, 4) == 123456789
-    with pytest.raises(SecAggError):
-        reconstruct({h: shares[h] for h in (0, 1, 2)}, 4)
+def test_secrets_differ_between_runs_with_the_same_seed():
+    agg = SecureAggregation(enabled=True, value_range=1.0, seed=0)
+    first, second = agg.start_round([0, 1, 2, 3], 1, 10), agg.start_round([0, 1, 2, 3], 1, 10)
+    keys = [m.clients[0].mask_public for m in (first, second)]
+    assert keys[0] != keys[1]
 
 
 def final_vector(tmp_path, name, extra):
@@ -172,7 +166,13 @@ def test_secure_aggregation_with_dp_equals_dp_alone_and_survives_dropouts(tmp_pa
     _, summary = final_vector(
         tmp_path,
         "drop",
-        [*dp, "secure_aggregation.enabled=true", "secure_aggregation.dropout=0.3"],
+        [
+            *dp,
+            "num_clients=12",
+            "secure_aggregation.enabled=true",
+            "secure_aggregation.dropout=0.2",  # the graph is sized for up to 40% drop-outs
+            "secure_aggregation.dropout_rate=0.4",
+        ],
     )
     rows = [json.loads(x) for x in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["secagg_dropped"] for r in rows) > 0 and summary["final_accuracy"] > 0
