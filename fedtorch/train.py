@@ -29,6 +29,7 @@ from fedtorch.errors import ConfigError, DataError, FedtorchError
 from fedtorch.logging.files import atomic_write_bytes
 from fedtorch.server import checkpoint
 from fedtorch.server.checkpoint import Interrupted
+from fedtorch.server.evaluation import num_batches
 
 log = logging.getLogger("fedtorch")
 
@@ -124,6 +125,7 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.model.load_state_dict(orchestrator.global_state)
             return orchestrator.evaluator.test_batch_totals(batches)
 
+        evaluator = orchestrator.evaluator
         orchestrator.engine.serve(
             orchestrator.trainer,
             orchestrator.shards,
@@ -132,6 +134,7 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.strategy,
             evaluate_here if orchestrator.silos is not None else None,
             evaluate_batches,
+            test_batches=num_batches(len(evaluator.data.test_y), evaluator.batch_size),
         )
 
 
@@ -241,7 +244,13 @@ def cli() -> None:
     signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     _handle_signals()
     if process_group.launched():
-        sys.argv = [sys.argv[0], *process_group.start(sys.argv[1:])]
+        try:
+            sys.argv = [sys.argv[0], *process_group.start(sys.argv[1:])]
+        except FedtorchError as exc:
+            if _full_errors():
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            _leave(2)
     try:
         main()
     except KeyboardInterrupt:  # a worker rank stopped by Ctrl-C / SIGTERM

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from fedtorch.engines.distributed import COLLECTIVES
 from fedtorch.errors import ConfigError
 from fedtorch.strategies import averages_plainly
 
@@ -103,6 +104,7 @@ def validate_config(cfg: DictConfig) -> None:
     budget = cfg.aggregation.get("memory_budget_mb")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ConfigError("aggregation.memory_budget_mb", f"must be a number > 0, got {budget!r}")
+    _check_distributed_keys(cfg)
     _bool(cfg, "resume_force")
     init_from = cfg.get("init_from")
     if init_from is not None and (not isinstance(init_from, str) or not init_from):
@@ -136,6 +138,27 @@ def validate_config(cfg: DictConfig) -> None:
     if not isinstance(rules, ListConfig) or not all(isinstance(r, DictConfig) for r in rules):
         raise ConfigError(
             "key_rules", f"must be a list of {{pattern: REGEX, rule: NAME}}, got {rules!r}"
+        )
+
+
+def _check_distributed_keys(cfg: DictConfig) -> None:
+    """The distributed keys, checked in every run (not only under torchrun, where the
+    engine and the start-up check them too), so a typo is not ignored in one process."""
+    collective = cfg.aggregation.get("collective")
+    if collective not in COLLECTIVES:
+        raise ConfigError(
+            "aggregation.collective", f"must be {' or '.join(COLLECTIVES)}, got {collective!r}"
+        )
+    distributed = cfg.get("distributed") or {}
+    timeout = distributed.get("timeout_s")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError("distributed.timeout_s", f"must be a number > 0, got {timeout!r}")
+    silo = distributed.get("silo")
+    if silo is not None and cfg.data.get("silos") is None:
+        raise ConfigError(
+            "distributed.silo",
+            f"is {silo!r}, but data.silos is not set: it names this process's silo of "
+            "data.silos; leave it null",
         )
 
 

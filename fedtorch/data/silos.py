@@ -13,6 +13,13 @@ loads only that silo's files, trains only its clients and evaluates on its test 
 and tells the others no more than its clients' sizes and label histograms. The silo comes
 from the config (set per machine), not from the rank, which can change when torchrun
 restarts the job; every silo must be served by exactly one process.
+
+What the processes tell each other at start-up is integers in tensors, nothing pickled:
+each its silo's index, then its clients' sizes and label histograms, read positionally
+(a rank's entries can only be its own silo's) and checked before use: the announced
+shape is capped before anything is allocated, the number of clients must be what
+``data.silos`` says (where it says), every histogram must count its client's samples. A
+violation stops every process with one line naming the rank (a :class:`DataError`).
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ import torch.distributed as dist
 
 from fedtorch import seeding
 from fedtorch.data.datasets import DataBundle
-from fedtorch.errors import ConfigError
+from fedtorch.errors import ConfigError, DataError
+
+# Caps on what a silo's process may announce before the others allocate for it.
+MAX_SILO_CLIENTS = 1 << 20
+MAX_LABELS = 1 << 20  # width of a label histogram
+MAX_CLASSES = 1 << 24  # a silo's number of classes (a language model's vocabulary, say)
+MAX_HISTOGRAM_VALUES = 1 << 26  # clients x labels over all silos (int64: 512 MiB)
 
 
 @dataclass
@@ -44,9 +57,23 @@ class Silos:
     test_rows: dict[int, torch.Tensor]
     rank_of_silo: list[int] | None = None
 
-    def rank_of_client(self, client_id: int) -> int:
-        """The rank that holds ``client_id``'s data (distributed runs)."""
+    @property
+    def rank_of_client(self) -> Placement:
+        """The rank that holds each client's data (distributed runs): call it with a client
+        id; it also carries ``rank_of_silo``, so an engine given it knows which silo each
+        rank serves."""
         assert self.rank_of_silo is not None
+        return Placement(self.client_silo, self.rank_of_silo)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``placement(client_id)``: the rank holding that client's data."""
+
+    client_silo: list[int]
+    rank_of_silo: list[int]
+
+    def __call__(self, client_id: int) -> int:
         return self.rank_of_silo[self.client_silo[client_id]]
 
 
@@ -101,8 +128,9 @@ def served_silos(
             f"must be this process's silo, an index 0..{num_silos - 1} into data.silos (set "
             f"per machine, e.g. distributed.silo=0), got {silo!r}",
         )
-    served: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(served, silo)
+    rows = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, torch.tensor([silo], dtype=torch.int64))
+    served = [int(r) for r in rows]
     if len(served) != num_silos or sorted(served) != list(range(num_silos)):
         per_rank = ", ".join(f"rank {r}: {s}" for r, s in enumerate(served))
         raise ConfigError(
@@ -156,12 +184,7 @@ def load_silos(
         )
         for s in local
     }
-    if rank_of_silo is not None:
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        known = {s: v for part in everyone for s, v in part.items()}
-    else:
-        known = mine
+    known = _exchange(mine, specs, rank_of_silo) if rank_of_silo is not None else mine
     num_classes = max(v[2] for v in known.values())
 
     train_x, train_y, test_x, test_y, labels = [], [], [], [], []
@@ -205,3 +228,66 @@ def load_silos(
         stats=None,
     )
     return data, shards, Silos(client_silo, test_rows, rank_of_silo), histograms
+
+
+def _exchange(
+    mine: dict[int, tuple[list[int], list[list[int]], int]],
+    specs: list[dict[str, Any]],
+    rank_of_silo: list[int],
+) -> dict[int, tuple[list[int], list[list[int]], int]]:
+    """Every silo's (client sizes, label histograms, classes), each from the rank serving
+    it: first an int64 [clients, labels, classes] row per rank, checked and capped, then
+    one int64 [clients, 1 + labels] block per rank (sizes, then histograms), padded to the
+    largest so that all ranks send the same shape."""
+    ((silo, (sizes, histograms, classes)),) = mine.items()
+    width = max((len(h) for h in histograms), default=1)
+    world = dist.get_world_size()
+    shapes = [torch.zeros(3, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(shapes, torch.tensor([len(sizes), width, classes], dtype=torch.int64))
+    announced = [[int(v) for v in row] for row in shapes]
+    for rank, (clients, labels, num_classes) in enumerate(announced):
+        s = rank_of_silo.index(rank)
+        expected = specs[s].get("num_clients")
+        problem = None
+        if expected is not None and clients != expected:
+            problem = f"{clients} clients; data.silos.{s}.num_clients is {expected}"
+        elif not 1 <= clients <= MAX_SILO_CLIENTS:
+            problem = f"{clients} clients (1 to {MAX_SILO_CLIENTS} allowed)"
+        elif not 1 <= labels <= MAX_LABELS:
+            problem = f"label histograms {labels} wide (1 to {MAX_LABELS} allowed)"
+        elif not 1 <= num_classes <= MAX_CLASSES:
+            problem = f"{num_classes} classes (1 to {MAX_CLASSES} allowed)"
+        if problem is not None:
+            raise DataError(f"distributed: rank {rank} (silo {s}) announced {problem}")
+    rows = max(a[0] for a in announced)
+    cols = 1 + max(a[1] for a in announced)
+    if rows * cols * world > MAX_HISTOGRAM_VALUES:
+        raise DataError(
+            f"distributed: the silos announced {rows} clients x {cols - 1} labels a rank, more "
+            f"than the {MAX_HISTOGRAM_VALUES} values allowed"
+        )
+    block = torch.zeros(rows, cols, dtype=torch.int64)
+    block[: len(sizes), 0] = torch.tensor(sizes, dtype=torch.int64)
+    for i, h in enumerate(histograms):
+        block[i, 1 : 1 + len(h)] = torch.tensor(h, dtype=torch.int64)
+    blocks = [torch.zeros_like(block) for _ in range(world)]
+    dist.all_gather(blocks, block)
+    known = {}
+    for rank, (clients, labels, num_classes) in enumerate(announced):
+        s = rank_of_silo.index(rank)
+        part = blocks[rank][:clients, : 1 + labels]
+        bad = (part < 0).any(dim=1) | (part[:, 1:].sum(dim=1) != part[:, 0])
+        if bool(bad.any()):
+            client = int(bad.nonzero()[0])
+            raise DataError(
+                f"distributed: rank {rank} (silo {s}) sent client {client} of its silo a size "
+                f"{int(part[client, 0])} and a label histogram that do not agree (or are negative)"
+            )
+        if bool(blocks[rank][clients:].any()) or bool(blocks[rank][:, 1 + labels :].any()):
+            raise DataError(
+                f"distributed: rank {rank} (silo {s}) sent values beyond the "
+                f"{clients} x {labels} it announced"
+            )
+        known[s] = (part[:, 0].tolist(), part[:, 1:].tolist(), num_classes)
+    known[silo] = mine[silo]
+    return known

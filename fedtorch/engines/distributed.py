@@ -11,17 +11,29 @@ goes to the rank that holds its data. Every rank trains its chunks with the inne
 Rank 0, the server, broadcasts the global weights at the start of the round and sends each
 worker its clients' tasks (with any per-client state the strategy keeps on the server,
 such as SCAFFOLD's c - c_i, evaluated there). Workers send their updates back in batches
-(a pickled list of reports and one [rows, P] tensor, at most ``SEND_BUDGET_BYTES`` each):
-one message per client would cost a scheduler round trip per client. Rank 0 feeds the
-updates to the round's pipeline in cohort order (``aggregation.collective=gather``), so
-every strategy, robust ones included, aggregates exactly what the one-process run
-aggregates: the final weights are bit-identical whatever the number of processes (with the
-same ``torch_threads`` per process; the number of intra-op threads can change float
-results). The test set is evaluated by every rank, a share of its batches each, and the
-per-batch terms are added on rank 0 in batch order (the one-process figures, bit for bit).
-Between rounds the orchestrator starts the next round (:meth:`DistributedEngine.start`)
-as soon as this one is aggregated, so the workers train while rank 0 evaluates and
-checkpoints (then rank 0 evaluates alone); :meth:`DistributedEngine.finish` completes it.
+(a ``updates`` message: a header listing the reports, and one [rows, P] tensor, at most
+``SEND_BUDGET_BYTES`` each): one message per client would cost a scheduler round trip per
+client. Every message is tensors and a typed, versioned header
+(:mod:`fedtorch.engines.messages`); nothing is unpickled. Rank 0 feeds the updates to the
+round's pipeline in cohort order (``aggregation.collective=gather``), so every strategy,
+robust ones included, aggregates exactly what the one-process run aggregates: the final
+weights are bit-identical whatever the number of processes (with the same
+``torch_threads`` per process; the number of intra-op threads can change float results).
+The test set is evaluated by every rank, a share of its batches each, and the per-batch
+terms are added on rank 0 in batch order (the one-process figures, bit for bit). Between
+rounds the orchestrator starts the next round (:meth:`DistributedEngine.start`) as soon as
+this one is aggregated, so the workers train while rank 0 evaluates and checkpoints (then
+rank 0 evaluates alone); :meth:`DistributedEngine.finish` completes it.
+
+What rank 0 accepts from a worker (each violation stops the run with one line naming the
+rank and what it sent, a :class:`~fedtorch.engines.messages.MessageError`): reports of
+exactly the clients it assigned that worker this round, each once, chunk by chunk in the
+order sent, each chunk closed by its end mark; sample counts equal to the sizes rank 0
+knows (the shards it holds, the sizes a silo announced at start-up), which are what it
+aggregates with; counters of the model's ``max`` keys and metrics from an allow-list; an
+update block of exactly the rows reported; evaluation terms of the batches it asked for;
+silo totals only of the silo that rank serves; allreduce sums that are finite and whose
+weights match the sizes rank 0 knows. A worker checks what rank 0 sends likewise.
 
 Failures: a worker whose messages stop for ``distributed.timeout_s`` seconds (hung or
 dead) stops the run on rank 0 with an error naming it; a worker that hears nothing from
@@ -33,10 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
@@ -44,7 +57,10 @@ import torch
 import torch.distributed as dist
 
 from fedtorch.client.trainer import ClientTrainer
-from fedtorch.engines.process_group import DistributedError, isend_object, lost_peer, recv_object
+from fedtorch.data.tasks import Classification
+from fedtorch.engines import messages
+from fedtorch.engines.messages import MessageError
+from fedtorch.engines.process_group import DistributedError, lost_peer
 from fedtorch.errors import ConfigError
 from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
@@ -59,6 +75,17 @@ SEND_BUDGET_BYTES = 64 << 20
 # workers, down by SHARE_STEP of the round when it did not.
 WAIT_SLACK_S = 0.002
 SHARE_STEP = 0.02
+# The ClientTask fields a ``tasks`` message carries; a task with another field set (not at
+# its default) cannot be sent until the schema has a place for it.
+TASK_FIELDS = (
+    "client_id",
+    "steps",
+    "correction",
+    "step_correction",
+    "prox_mu",
+    "flip_labels",
+    "initial_loss",
+)
 
 
 class DistributedEngine:
@@ -71,6 +98,11 @@ class DistributedEngine:
         collective: how updates reach the aggregator: ``gather`` (each one to rank 0, in
             cohort order) or ``allreduce`` (each rank sums its clients' weighted updates in
             float64 and the sums are added on rank 0; plain weighted means only).
+
+    Raises:
+        ConfigError: a bad ``chunk_size`` or ``collective``, or no process group.
+        DistributedError: a rank is gone or silent past ``timeout_s``.
+        MessageError: a rank sent what this rank cannot accept (see the module docstring).
     """
 
     def __init__(
@@ -84,7 +116,8 @@ class DistributedEngine:
             raise ConfigError("engine.chunk_size", f"must be an integer >= 1, got {chunk_size!r}")
         if collective not in COLLECTIVES:
             raise ConfigError(
-                "aggregation.collective", f"must be one of {COLLECTIVES}, got {collective!r}"
+                "aggregation.collective",
+                f"must be {' or '.join(COLLECTIVES)}, got {collective!r}",
             )
         if not dist.is_initialized():
             raise ConfigError(
@@ -94,8 +127,10 @@ class DistributedEngine:
             )
         self.inner, self.chunk_size, self.timeout_s = inner, chunk_size, float(timeout_s)
         self.collective = collective
-        # data.silos: the rank holding each client's data (None: any rank, by chunk).
+        # data.silos: the rank holding each client's data (None: any rank, by chunk), and
+        # the silo each rank serves (where the placement says).
         self._owner: Callable[[int], int] | None = None
+        self._silo_of_rank: dict[int, int] | None = None
 
         # Everything goes over the default group (gloo, plus NCCL for CUDA tensors), made at
         # start-up with the run's timeout (fedtorch.engines.process_group.start).
@@ -128,8 +163,13 @@ class DistributedEngine:
 
     def place_clients(self, owner: Callable[[int], int]) -> None:
         """``data.silos``: train each client on the rank ``owner(client_id)`` that holds
-        its data, instead of spreading chunks over the ranks."""
+        its data, instead of spreading chunks over the ranks. An ``owner`` that also has
+        ``rank_of_silo`` (:class:`fedtorch.data.silos.Placement`) says which silo each
+        rank serves: its evaluation totals are accepted from that rank only."""
         self._owner = owner
+        rank_of_silo = getattr(owner, "rank_of_silo", None)
+        if rank_of_silo is not None:
+            self._silo_of_rank = {int(r): s for s, r in enumerate(rank_of_silo)}
 
     def _assign(
         self, tasks: Sequence[ClientTask], shards: Sequence[torch.Tensor]
@@ -193,6 +233,22 @@ class DistributedEngine:
         for tensor in (*global_state.values(), global_vector):
             dist.broadcast(tensor, 0)
 
+    def _known_size(
+        self, trainer: ClientTrainer, shards: Sequence[torch.Tensor], client_id: int
+    ) -> int | None:
+        """The size (FedAvg weight) rank 0 knows for ``client_id``: from its shard where
+        rank 0 holds the client's rows (every client without silos), from the size its
+        silo announced where the unit is samples; None where neither holds (another
+        silo's client counted in tokens: the report is taken as sent)."""
+        shard = shards[client_id]
+        held = self._owner is None or self._owner(client_id) == 0
+        size = getattr(trainer, "client_size", None)
+        if size is None:
+            return len(shard) if held else None
+        if held or isinstance(getattr(trainer, "task", None), Classification):
+            return int(size(shard))
+        return None
+
     # Rank 0 ------------------------------------------------------------------------------
 
     def run(
@@ -225,11 +281,12 @@ class DistributedEngine:
         pending = []
         for worker in range(1, self.world):
             mine = [
-                ([_portable(t) for t in chunk], _next_owner(assigned, i) != worker)
+                (chunk, _next_owner(assigned, i) != worker)
                 for i, (owner, chunk) in enumerate(assigned)
                 if owner == worker
             ]
-            pending += isend_object(mine, worker)
+            header, blocks = _tasks_message(mine, round_idx, global_vector)
+            pending += messages.send("tasks", header, blocks, worker)
         self._started = (assigned, load, pending, time.perf_counter())
 
     def finish(
@@ -247,9 +304,20 @@ class DistributedEngine:
         self._started = None
         # Seconds rank 0 spent on other work while the workers trained (the previous
         # round's evaluation when the round was started early): part of its load.
-        elsewhere = time.perf_counter() - sent_at
+        elapsed = time.perf_counter() - sent_at
+        counter_keys = list(getattr(trainer, "counter_keys", ()))
         inboxes = {
-            worker: _Inbox(global_vector, self._received.get(worker))
+            worker: _Inbox(
+                _Ledger(
+                    worker,
+                    round_idx,
+                    [[t.client_id for t in chunk] for owner, chunk in assigned if owner == worker],
+                ),
+                global_vector,
+                {k: global_state[k] for k in counter_keys},
+                lambda c: self._known_size(trainer, shards, c),
+                self._received.get(worker),
+            )
             for worker in range(1, self.world)
         }
         own_seconds, start = 0.0, time.perf_counter()
@@ -261,13 +329,21 @@ class DistributedEngine:
             else:
                 self._receive(owner, chunk, round_idx, inboxes[owner], sink)
         busy = [self._receive(w, [], round_idx, inboxes[w], sink) for w in inboxes]
-        handling = time.perf_counter() - start - own_seconds + elsewhere
+        handling = time.perf_counter() - start - own_seconds + elapsed
         handling -= sum(inbox.waited for inbox in inboxes.values())
         self._received = {w: inbox.batch for w, inbox in inboxes.items()}
         for work, _ in pending:
             work.wait()
         if self.collective == "allreduce":
-            sink.aggregator.reduce()
+            summed = sink.aggregator
+            summed.reduce()
+            expected = {}
+            for worker, inbox in inboxes.items():
+                weight = 0.0  # added in the order the worker added them: equal bit for bit
+                for client in inbox.summed:
+                    weight += float(summed.strategy.client_weight(client))
+                expected[worker] = weight
+            summed.check(expected, round_idx)
         if self._owner is None:
             workers = [(b, load[w + 1]) for w, b in enumerate(busy)]
             self._adapt((own_seconds, load[0]), max(0.0, handling), workers)
@@ -281,7 +357,8 @@ class DistributedEngine:
         sink: UpdatePipeline,
     ) -> float:
         """Feed one worker's chunk to ``sink``, report by report, until its end mark (or,
-        after its last chunk, the seconds it spent training this round, returned)."""
+        after its last chunk, the seconds it spent training this round, returned). The
+        reports were checked against what was assigned as they arrived (:class:`_Ledger`)."""
         try:
             while True:
                 if not inbox.items:
@@ -326,12 +403,22 @@ class DistributedEngine:
             return list(here(list(range(count))))
         terms: list[torch.Tensor | None] = [None] * count
         mine = _eval_batches(count, self.world, 0)
-        for b, row in zip(mine, here(mine)):
+        own = here(mine)
+        for b, row in zip(mine, own):
             terms[b] = row
         for worker in range(1, self.world):
             theirs = _eval_batches(count, self.world, worker)
             try:
-                rows = recv_object(worker)
+                message = messages.receive(worker, ("eval_terms",), messages.HEADER_BASE_BYTES)
+                if message.fields["batches"] != count:
+                    raise MessageError(
+                        worker,
+                        f"evaluation terms of {message.fields['batches']} test batches where "
+                        f"rank 0 asked for {count}",
+                    )
+                rows = messages.receive_payload(
+                    message, 0, own.dtype, (len(theirs), *own.shape[1:])
+                )
             except RuntimeError as exc:
                 # Rank 0 holds the test set too: finish the round's evaluation here; the
                 # next round's start reports the lost rank (or the stop that took it).
@@ -352,14 +439,27 @@ class DistributedEngine:
         here: Callable[[], dict[int, torch.Tensor]],
     ) -> dict[int, torch.Tensor]:
         """Rank 0, ``data.silos``: every rank evaluates the global weights on its silo's
-        test split; returns each silo's evaluation totals."""
+        test split; returns each silo's evaluation totals (a silo's only from the rank
+        serving it)."""
         self._announce("evaluate_silos", 0)
         for tensor in global_state.values():
             dist.broadcast(tensor, 0)
         totals = dict(here())
+        like = next(iter(totals.values()))
         for worker in range(1, self.world):
             try:
-                totals.update(recv_object(worker))
+                message = messages.receive(worker, ("silo_totals",), messages.HEADER_BASE_BYTES)
+                silo = message.fields["silo"]
+                served = None if self._silo_of_rank is None else self._silo_of_rank.get(worker)
+                if served is not None and silo != served:
+                    raise MessageError(
+                        worker, f"evaluation totals of silo {silo}; it serves silo {served}"
+                    )
+                if silo in totals:
+                    raise MessageError(
+                        worker, f"evaluation totals of silo {silo}, which another rank serves"
+                    )
+                totals[silo] = messages.receive_payload(message, 0, like.dtype, like.shape)
             except RuntimeError as exc:
                 raise lost_peer(
                     f"distributed: rank {worker} did not send its silo's evaluation within "
@@ -367,7 +467,7 @@ class DistributedEngine:
                 ) from None
         return totals
 
-    def _announce(self, kind: str, round_idx: int) -> None:
+    def _announce(self, kind: str, value: int) -> None:
         """Rank 0: check every worker is there (gloo's monitored barrier names the ones
         that are not; before round 1 this also bounds start-up), then tell them what comes
         next."""
@@ -375,10 +475,10 @@ class DistributedEngine:
             dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True)
         except RuntimeError as exc:
             raise lost_peer(
-                f"distributed: round {round_idx}: not every rank is there after "
+                f"distributed: round {value}: not every rank is there after "
                 f"distributed.timeout_s={self.timeout_s:g}: {_first_line(exc)}"
             ) from None
-        dist.broadcast_object_list([(kind, round_idx)], src=0)
+        messages.announce(kind, value)
 
     def close(self) -> None:
         """Tell the workers the run is over (rank 0, after the last round)."""
@@ -398,18 +498,21 @@ class DistributedEngine:
         strategy: Any,
         evaluate_here: Callable[[], dict[int, torch.Tensor]] | None = None,
         evaluate_batches: Callable[[list[int]], torch.Tensor] | None = None,
+        test_batches: int | None = None,
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
         them, send the updates; with silos, evaluate the weights rank 0 sends on this
-        rank's silo when asked (``evaluate_here``); return when rank 0 says stop."""
+        rank's silo when asked (``evaluate_here``); return when rank 0 says stop.
+        ``test_batches``: the number of test batches this rank holds (an evaluation
+        announced for another number is refused)."""
+        limits = {"evaluate": test_batches} if test_batches is not None else {}
+        counter_keys = list(getattr(trainer, "counter_keys", ()))
         while True:
             try:
                 dist.monitored_barrier(
                     timeout=timedelta(seconds=self.timeout_s), wait_all_ranks=True
                 )
-                message: list[Any] = [None]
-                dist.broadcast_object_list(message, src=0)
-                kind, round_idx = message[0]
+                kind, value = messages.hear(limits)
                 if kind == "stop":
                     return
                 if kind in ("evaluate", "evaluate_silos"):
@@ -417,16 +520,23 @@ class DistributedEngine:
                         dist.broadcast(tensor, 0)
                     if kind == "evaluate_silos":
                         if evaluate_here is None:
-                            raise DistributedError("rank 0 asked for an evaluation on no silo")
-                        result: Any = evaluate_here()
+                            raise MessageError(0, "a request to evaluate a silo; none is held here")
+                        for silo, totals in evaluate_here().items():
+                            _wait(messages.send("silo_totals", {"silo": silo}, [totals], 0))
                     else:
                         if evaluate_batches is None:
-                            raise DistributedError("rank 0 asked for an evaluation; none given")
-                        result = evaluate_batches(_eval_batches(round_idx, self.world, self.rank))
-                    _wait(isend_object(result, 0))
+                            raise MessageError(0, "a request to evaluate test batches; none given")
+                        if test_batches is not None and value != test_batches:
+                            raise MessageError(
+                                0,
+                                f"a request to evaluate {value} test batches; {test_batches} here",
+                            )
+                        terms = evaluate_batches(_eval_batches(value, self.world, self.rank))
+                        _wait(messages.send("eval_terms", {"batches": value}, [terms], 0))
                     continue
+                round_idx = value
                 self._broadcast_weights(global_state, global_vector)
-                chunks = recv_object(0)
+                chunks = self._receive_tasks(round_idx, shards, global_vector)
             except RuntimeError as exc:
                 raise lost_peer(
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
@@ -437,6 +547,8 @@ class DistributedEngine:
             forward = _Forward(
                 global_vector,
                 rows,
+                round_idx,
+                counter_keys,
                 summed if self.collective == "allreduce" else None,
                 self._send_pool,
             )
@@ -450,54 +562,135 @@ class DistributedEngine:
             if self.collective == "allreduce":
                 summed.reduce()
 
+    def _receive_tasks(
+        self, round_idx: int, shards: Sequence[torch.Tensor], global_vector: torch.Tensor
+    ) -> list[tuple[list[ClientTask], bool]]:
+        """A worker: this round's chunks from rank 0, checked: clients of this run, each
+        once, held by this rank (silos); per-client vectors of the model's size."""
+        cap = messages.HEADER_BASE_BYTES + messages.TASK_BYTES * len(shards)
+        message = messages.receive(0, ("tasks",), cap)
+        if message.fields["round"] != round_idx:
+            raise MessageError(
+                0, f"the tasks of round {message.fields['round']} during round {round_idx}"
+            )
+        seen: set[int] = set()
+        counts = {"correction": 0, "step_correction": 0}
+        for chunk in message.fields["chunks"]:
+            for task in chunk["tasks"]:
+                client = task["client"]
+                if client >= len(shards) or client in seen:
+                    raise MessageError(
+                        0, f"a task for client {client}: not a client of this run, or sent twice"
+                    )
+                if self._owner is not None and self._owner(client) != self.rank:
+                    raise MessageError(0, f"a task for client {client}, whose data is not here")
+                seen.add(client)
+                for name in counts:
+                    counts[name] += task[name]
+        size = global_vector.numel()
+        blocks = [
+            messages.receive_payload(
+                message, i, [messages.DTYPES[d] for d in messages.FLOAT_DTYPES], (n, size)
+            )
+            for i, n in enumerate(counts.values())
+        ]
+        rows = [iter(block) for block in blocks]
+        return [
+            (
+                [
+                    ClientTask(
+                        client_id=t["client"],
+                        steps=t["steps"],
+                        correction=next(rows[0]) if t["correction"] else None,
+                        step_correction=next(rows[1]) if t["step_correction"] else None,
+                        prox_mu=float(t["prox_mu"]),
+                        flip_labels=t["flip_labels"],
+                        initial_loss=t["initial_loss"],
+                    )
+                    for t in chunk["tasks"]
+                ],
+                chunk["flush"],
+            )
+            for chunk in message.fields["chunks"]
+        ]
+
 
 class SummedRound:
     """``aggregation.collective=allreduce``: one rank's sum of w_k * delta_k and of w_k over
     the clients it trained, in float64 (w_k: the strategy's client weight); :meth:`reduce`
-    adds every rank's sums on rank 0, whose :meth:`finish` applies the strategy's server
-    step to the weighted mean. The sums group the clients by rank, so the result equals
-    the one-process run's to float rounding, not bit for bit."""
+    adds every rank's sums on rank 0, whose :meth:`check` refuses a non-finite sum or a
+    rank whose weights differ from the sizes rank 0 knows, and whose :meth:`finish`
+    applies the strategy's server step to the weighted mean. The sums group the clients by
+    rank, so the result equals the one-process run's to float rounding, not bit for bit."""
 
     def __init__(self, strategy: Any, global_vector: torch.Tensor, round_idx: int) -> None:
         self.strategy, self.global_vector, self.round_idx = strategy, global_vector, round_idx
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.total = torch.zeros(
             global_vector.numel(), dtype=torch.float64, device=global_vector.device
         )
-        self.weight = torch.zeros(1, dtype=torch.float64, device=global_vector.device)
+        # Row 0: each rank's sum of weights, at its own index (the reduce keeps them apart);
+        # row 1: 1 where a rank's own sum is not finite.
+        self.stats = torch.zeros(2, self.world, dtype=torch.float64, device=global_vector.device)
 
     def add(self, client: ClientResult, delta: torch.Tensor) -> None:
         weight = float(self.strategy.client_weight(client))
         self.total.add_(delta.to(torch.float64), alpha=weight)
-        self.weight += weight
+        self.stats[0, self.rank] += weight
 
     def reduce(self) -> None:
         """Every rank: add the sums into rank 0's."""
+        self.stats[1, self.rank] = 0.0 if all_finite(self.total) else 1.0
         dist.reduce(self.total, 0)
-        dist.reduce(self.weight, 0)
+        dist.reduce(self.stats, 0)
+
+    def check(self, expected: Mapping[int, float], round_idx: int) -> None:
+        """Rank 0, after :meth:`reduce`: every worker's weights equal ``expected[rank]``
+        (its summed clients' weights from the sizes rank 0 knows) and the sum is finite."""
+        weights, flags = self.stats[0].tolist(), self.stats[1].tolist()
+        for rank in range(1, self.world):
+            if flags[rank] != 0.0:
+                raise MessageError(rank, f"a non-finite allreduce sum in round {round_idx}")
+            want = expected.get(rank, 0.0)
+            if not math.isclose(weights[rank], want, rel_tol=1e-9, abs_tol=1e-12):
+                raise MessageError(
+                    rank,
+                    f"allreduce client weights adding up to {weights[rank]:g} in round "
+                    f"{round_idx}; the sizes rank 0 knows of the clients it reported give {want:g}",
+                )
+        if not all_finite(self.total):
+            ranks = ", ".join(str(r) for r in range(1, self.world))
+            raise MessageError(
+                ranks, f"a non-finite allreduce sum in round {round_idx} (added from all ranks)"
+            )
 
     def finish(self) -> torch.Tensor:
-        if not float(self.weight) > 0:
+        weight = float(self.stats[0].sum())
+        if not weight > 0:
             raise ValueError("aggregation weights must sum to a positive number")
-        mean = (self.total / self.weight).to(self.global_vector.dtype)
+        mean = (self.total / weight).to(self.global_vector.dtype)
         return self.strategy.server_step(self.global_vector, mean, self.round_idx)
 
 
 class _Forward:
-    """A worker's sink: updates, failures and chunk ends are sent to rank 0 in batches (a
-    pickled list of reports, then one [rows, P] tensor of updates), each sent without
-    blocking once it holds ``SEND_BUDGET_BYTES`` of updates or rank 0 needs it (the end of
-    a run of this rank's chunks); one batch is in flight while the next fills, so a worker
-    holds at most two batches. With ``summed``, updates are checked and added to this
-    rank's sums instead, and only the clients' reports go to rank 0."""
+    """A worker's sink: updates, failures and chunk ends are sent to rank 0 in batches (an
+    ``updates`` message: the reports, then one [rows, P] tensor of updates), each sent
+    without blocking once it holds ``SEND_BUDGET_BYTES`` of updates or rank 0 needs it
+    (the end of a run of this rank's chunks); one batch is in flight while the next fills,
+    so a worker holds at most two batches. With ``summed``, updates are checked and added
+    to this rank's sums instead, and only the clients' reports go to rank 0."""
 
     def __init__(
         self,
         like: torch.Tensor,
         clients: int,
+        round_idx: int,
+        counter_keys: Sequence[str] = (),
         summed: SummedRound | None = None,
         pool: list[torch.Tensor] | None = None,
     ) -> None:
-        self.summed = summed
+        self.summed, self.round_idx, self.counter_keys = summed, round_idx, list(counter_keys)
         # Batch buffers kept from round to round (fresh 64 MB every round costs page faults).
         self.pool = pool if pool is not None else []
         per_row = like.numel() * like.element_size()
@@ -507,7 +700,7 @@ class _Forward:
         self.filling: torch.Tensor | None = None
         self.sending: torch.Tensor | None = None
         self.spare: torch.Tensor | None = None
-        self.items: list[tuple[str, Any]] = []
+        self.items: list[dict[str, Any]] = []
         self.rows = 0
         self.in_flight: list[Any] = []
 
@@ -529,22 +722,22 @@ class _Forward:
         if self.summed is not None:
             if all_finite(delta):
                 self.summed.add(client, delta)
-                self.items.append(("summed", client))
+                self.items.append(_report("summed", client, self.counter_keys))
             else:
-                failure = ClientFailure(client.client_id, "update has NaN or Inf values")
-                self.items.append(("failed", failure))
+                self.fail(ClientFailure(client.client_id, "update has NaN or Inf values"))
             return
         self._next_row().copy_(delta.detach().reshape(-1))
         self.rows += 1
-        self.items.append(("update", client))
+        self.items.append(_report("update", client, self.counter_keys))
         if self.rows == self.capacity:
             self.flush()
 
     def fail(self, failure: ClientFailure) -> None:
-        self.items.append(("failed", failure))
+        reason = messages.printable(failure.reason)
+        self.items.append({"t": "failed", "client": failure.client_id, "reason": reason})
 
     def end_chunk(self, flush: bool) -> None:
-        self.items.append(("end", None))
+        self.items.append({"t": "end"})
         if flush:
             self.flush()
 
@@ -552,33 +745,129 @@ class _Forward:
         """Send the batch gathered so far, once the previous one has gone."""
         if not self.items:
             return
-        _wait(self.in_flight)
+        self._wait_in_flight()
         self.spare, self.sending = self.sending, None
-        self.in_flight = isend_object((self.items, self.rows), 0)
         if self.rows:
             batch = self.filling[: self.rows]
-            self.in_flight.append((dist.isend(batch, 0), batch))
             self.sending, self.filling = self.filling, None
+        else:
+            batch = torch.empty(0, self.like.numel(), dtype=self.like.dtype)
+        header = {"round": self.round_idx, "items": self.items}
+        try:
+            self.in_flight = messages.send("updates", header, [batch], 0)
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
         self.items, self.rows = [], 0
 
     def wait(self, busy: float) -> None:
         """Send what is left, with the seconds this rank trained (rank 0 balances the
         next round with them), and wait until it has gone."""
-        self.items.append(("busy", busy))
+        self.items.append({"t": "busy", "seconds": max(0.0, float(busy))})
         self.flush()
-        _wait(self.in_flight)
+        self._wait_in_flight()
         self.in_flight = []
         kept = [b for b in (self.filling, self.sending, self.spare) if b is not None]
         self.pool[:] = kept[:2]
 
+    def _wait_in_flight(self) -> None:
+        try:
+            _wait(self.in_flight)
+        except RuntimeError as exc:
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: RuntimeError) -> Exception:
+        """Rank 0 did not take this worker's updates (gone: it stopped, or crashed)."""
+        return lost_peer(
+            f"distributed: round {self.round_idx}: rank {dist.get_rank()} could not send its "
+            f"updates to rank 0 (gone or hung): {_first_line(exc)}"
+        )
+
+
+class _Ledger:
+    """What rank 0 assigned one worker in a round, walked through as its reports arrive:
+    each chunk's clients reported once each (an update, a sum or a failure, in any order
+    within the chunk), then the chunk's end mark, chunks in the order sent, then the
+    worker's busy seconds. Anything else is a :class:`MessageError` naming the worker."""
+
+    def __init__(self, worker: int, round_idx: int, chunks: Sequence[Sequence[int]]) -> None:
+        self.worker, self.round_idx = worker, round_idx
+        self.chunks = deque(list(chunk) for chunk in chunks)
+        self.assigned = {c for chunk in chunks for c in chunk}
+        self.reported: set[int] = set()
+        self.done = False
+
+    @property
+    def clients_left(self) -> int:
+        return len(self.assigned) - len(self.reported)
+
+    @property
+    def items_left(self) -> int:
+        """Reports still owed: a client's each, a chunk's end each, the busy seconds."""
+        return self.clients_left + len(self.chunks) + (0 if self.done else 1)
+
+    def take(self, item: Mapping[str, Any]) -> None:
+        """Accept one report (already checked against the ``updates`` schema)."""
+        kind, r = item["t"], self.round_idx
+        if self.done:
+            raise self._error(f"a report ({kind}) after its last one of round {r}")
+        if kind == "busy":
+            if self.chunks:
+                owed = ", ".join(
+                    str(c) for chunk in self.chunks for c in chunk if c not in self.reported
+                )
+                raise self._error(
+                    f"its last report of round {r} with {len(self.chunks)} chunk(s) not ended"
+                    + (f" (clients {owed} unreported)" if owed else "")
+                )
+            self.done = True
+            return
+        if not self.chunks:
+            raise self._error(f"a report ({kind}) after the end of its last chunk of round {r}")
+        current = self.chunks[0]
+        if kind == "end":
+            owed = [c for c in current if c not in self.reported]
+            if owed:
+                raise self._error(
+                    f"the end of a chunk of round {r} without reporting client(s) "
+                    f"{', '.join(map(str, owed))}"
+                )
+            self.chunks.popleft()
+            return
+        client = item["client"]
+        if client in self.reported:
+            raise self._error(f"a second report of client {client} in round {r}")
+        if client not in current:
+            if client in self.assigned:
+                raise self._error(
+                    f"a report of client {client} in round {r} before the end of the chunk "
+                    "sent ahead of it"
+                )
+            raise self._error(
+                f"a report of client {client} in round {r}, a client rank 0 did not assign to it"
+            )
+        self.reported.add(client)
+
+    def _error(self, problem: str) -> MessageError:
+        return MessageError(self.worker, problem)
+
 
 class _Inbox:
-    """Rank 0's reports from one worker, received a batch at a time (the batch tensor is
+    """Rank 0's reports from one worker in one round, received a batch at a time and
+    checked (:class:`_Ledger`) before their update rows are received (the batch tensor is
     reused: its rows are lent to the pipeline, which does not keep them)."""
 
-    def __init__(self, like: torch.Tensor, batch: torch.Tensor | None = None) -> None:
-        self.like = like
+    def __init__(
+        self,
+        ledger: _Ledger,
+        like: torch.Tensor,
+        counters: Mapping[str, torch.Tensor],
+        known_size: Callable[[int], int | None],
+        batch: torch.Tensor | None = None,
+    ) -> None:
+        self.ledger, self.like, self.counters, self.known_size = ledger, like, counters, known_size
+        self.counter_values = sum(t.numel() for t in counters.values())
         self.items: deque[tuple[str, Any, torch.Tensor | None]] = deque()
+        self.summed: list[ClientResult] = []  # allreduce: in the order the worker added them
         self.batch = batch
         self.waited = 0.0  # seconds spent receiving (waiting for the worker included)
 
@@ -590,19 +879,138 @@ class _Inbox:
             self.waited += time.perf_counter() - start
 
     def _fill(self, owner: int) -> None:
-        items, rows = recv_object(owner)
+        ledger = self.ledger
+        per_item = messages.ITEM_BYTES + messages.COUNTER_VALUE_BYTES * self.counter_values
+        cap = messages.HEADER_BASE_BYTES + per_item * ledger.items_left
+        message = messages.receive(owner, ("updates",), cap)
+        if message.fields["round"] != ledger.round_idx:
+            raise MessageError(
+                owner, f"updates of round {message.fields['round']} during round {ledger.round_idx}"
+            )
+        items = message.fields["items"]
+        if not items:
+            raise MessageError(owner, f"an empty updates message in round {ledger.round_idx}")
+        parsed = []
+        for item in items:
+            ledger.take(item)
+            parsed.append(self._parse(owner, item))
+        rows = sum(1 for item in items if item["t"] == "update")
+        size = self.like.numel()
+        messages.check_payload(message, 0, self.like.dtype, (rows, size))
         if rows:
-            fits = self.batch is not None and self.batch.shape[1] == self.like.numel()
+            fits = self.batch is not None and self.batch.shape[1] == size
             if not fits or self.batch.shape[0] < rows or self.batch.dtype != self.like.dtype:
-                self.batch = torch.empty(rows, self.like.numel(), dtype=self.like.dtype)
-            dist.recv(self.batch[:rows], owner)
+                self.batch = torch.empty(rows, size, dtype=self.like.dtype)
+            messages.receive_payload(message, 0, self.like.dtype, (rows, size), self.batch[:rows])
         row = 0
-        for kind, payload in items:
+        for kind, payload in parsed:
             view = None
             if kind == "update":
                 view = self.batch[row]
                 row += 1
+            elif kind == "summed":
+                self.summed.append(payload)
             self.items.append((kind, payload, view))
+
+    def _parse(self, owner: int, item: Mapping[str, Any]) -> tuple[str, Any]:
+        """A checked report as the pipeline takes it: a ClientResult (sizes rank 0 knows,
+        counters shaped as the model's ``max`` keys), a ClientFailure, or seconds."""
+        kind = item["t"]
+        if kind == "end":
+            return kind, None
+        if kind == "busy":
+            return kind, float(item["seconds"])
+        if kind == "failed":
+            return kind, ClientFailure(item["client"], item["reason"])
+        client, samples = item["client"], item["samples"]
+        known = self.known_size(client)
+        if known is not None and samples != known:
+            raise MessageError(
+                owner,
+                f"client {client} with {samples} samples in round {self.ledger.round_idx}; its "
+                f"size known here is {known}",
+            )
+        values = item["counters"]
+        if len(values) != self.counter_values:
+            raise MessageError(
+                owner,
+                f"{len(values)} counter values for client {client}; the model's max keys hold "
+                f"{self.counter_values}",
+            )
+        counters, offset = {}, 0
+        for key, like in self.counters.items():
+            part = values[offset : offset + like.numel()]
+            offset += like.numel()
+            if not like.is_floating_point():
+                info = torch.iinfo(like.dtype)
+                if any(type(v) is not int or not info.min <= v <= info.max for v in part):
+                    raise MessageError(
+                        owner, f"counter {key} of client {client} out of its {like.dtype}: {part}"
+                    )
+            counters[key] = torch.tensor(part, dtype=like.dtype, device=like.device).reshape(
+                like.shape
+            )
+        result = ClientResult(client, known if known is not None else samples, counters)
+        result.metrics = dict(item["metrics"])
+        return kind, result
+
+
+def _report(kind: str, client: ClientResult, counter_keys: Sequence[str]) -> dict[str, Any]:
+    """A client's report as an ``updates`` message carries it."""
+    counters: list[int | float] = []
+    for key in counter_keys:
+        counters += client.counters[key].reshape(-1).tolist()
+    return {
+        "t": kind,
+        "client": int(client.client_id),
+        "samples": int(client.num_samples),
+        "metrics": {k: _plain(v) for k, v in client.metrics.items()},
+        "counters": counters,
+    }
+
+
+def _plain(value: Any) -> int | float:
+    """A metric as JSON holds it: an int stays an int, anything else becomes a float."""
+    return value if type(value) is int else float(value)
+
+
+def _tasks_message(
+    chunks: Sequence[tuple[Sequence[ClientTask], bool]],
+    round_idx: int,
+    like: torch.Tensor,
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """The ``tasks`` message of one worker: its chunks (with whether to flush after each)
+    and the tasks' per-client vectors, evaluated on the CPU, as two [n, P] blocks."""
+    vectors: dict[str, list[torch.Tensor]] = {"correction": [], "step_correction": []}
+    out = []
+    for chunk, flush in chunks:
+        entries = []
+        for task in chunk:
+            for f in fields(task):
+                if f.name not in TASK_FIELDS and getattr(task, f.name) != f.default:
+                    raise TypeError(
+                        f"ClientTask.{f.name} has no place in the tasks message "
+                        "(fedtorch/engines/messages.py KINDS)"
+                    )
+            entry = {
+                "client": int(task.client_id),
+                "steps": None if task.steps is None else int(task.steps),
+                "prox_mu": float(task.prox_mu),
+                "flip_labels": bool(task.flip_labels),
+                "initial_loss": bool(task.initial_loss),
+            }
+            for name, found in vectors.items():
+                value = resolve(getattr(task, name))
+                entry[name] = value is not None
+                if value is not None:
+                    found.append(value.detach().reshape(-1).cpu())
+            entries.append(entry)
+        out.append({"flush": bool(flush), "tasks": entries})
+    blocks = [
+        torch.stack(found) if found else torch.empty(0, like.numel(), dtype=like.dtype)
+        for found in vectors.values()
+    ]
+    return {"round": round_idx, "chunks": out}, blocks
 
 
 def _eval_batches(count: int, world: int, rank: int) -> list[int]:
@@ -625,16 +1033,6 @@ def _next_owner(assigned: list[tuple[int, list[ClientTask]]], index: int) -> int
 def _wait(pending: list[Any]) -> None:
     for work, _ in pending:
         work.wait()
-
-
-def _portable(task: ClientTask) -> ClientTask:
-    """``task`` with its lazy per-client vectors evaluated (on the CPU), to be pickled."""
-
-    def cpu(vector: Any) -> Any:
-        value = resolve(vector)
-        return None if value is None else value.detach().cpu()
-
-    return replace(task, correction=cpu(task.correction), step_correction=cpu(task.step_correction))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,22 +12,33 @@ Before Hydra composes the config, the ranks agree on one run folder: rank 0's ti
 is sent to all, so ``outputs/runs/<date>`` is resolved once, not once per rank (a
 ``hydra.run.dir`` given on the command line is used as it is; torchrun restarts need it
 fixed, which ``fedtorch-run`` does).
+
+Nothing passed between ranks is pickled: the run folder's timestamp travels as 19 ASCII
+bytes checked against its pattern, the config check as a message version and a SHA-256
+digest, and everything the engine exchanges as tensors with a typed header
+(:mod:`fedtorch.engines.messages`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import re
 import time
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from fedtorch.engines.messages import VERSION, MessageError
 from fedtorch.errors import ConfigError, FedtorchError
+
+# The keys whose values may differ between ranks (left out of the config digest): each
+# process's own silo. Every other key must resolve to the same value on every rank.
+PER_RANK_KEYS = ("distributed.silo",)
+STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+_STAMP = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}")
 
 
 def launched() -> bool:
@@ -50,18 +61,32 @@ def start(argv: list[str]) -> list[str]:
         _init_process_group(timedelta(seconds=_timeout_from(argv)))
     args = list(argv)
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        override = [run_dir_override()]
-        dist.broadcast_object_list(override, src=0)
-        args.append(override[0])
+        args.append(run_dir_override(_shared_stamp()))
     if rank() != 0:
         args += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return args
 
 
-def run_dir_override() -> str:
-    """``hydra.run.dir=`` the folder Hydra's default would make now (configs/hydra), fixed
-    so that every rank, and every restarted rank, uses the same one."""
-    return f"hydra.run.dir=${{paths.output_dir}}/runs/{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+def run_dir_override(stamp: str | None = None) -> str:
+    """``hydra.run.dir=`` the folder Hydra's default would make now (configs/hydra), or at
+    ``stamp``, fixed so that every rank, and every restarted rank, uses the same one."""
+    stamp = stamp or time.strftime(STAMP_FORMAT)
+    return f"hydra.run.dir=${{paths.output_dir}}/runs/{stamp}"
+
+
+def _shared_stamp() -> str:
+    """Rank 0's timestamp, sent to every rank as 19 ASCII bytes and checked against its
+    pattern (a worker takes nothing else from it into its command line)."""
+    stamp = torch.zeros(19, dtype=torch.uint8)
+    if rank() == 0:
+        stamp.copy_(
+            torch.frombuffer(bytearray(time.strftime(STAMP_FORMAT).encode()), dtype=torch.uint8)
+        )
+    dist.broadcast(stamp, src=0)
+    text = bytes(stamp.tolist()).decode("ascii", errors="replace")
+    if not _STAMP.fullmatch(text):
+        raise MessageError(0, f"a run folder timestamp that is not one: {text!r}")
+    return text
 
 
 def _init_process_group(timeout: timedelta) -> None:
@@ -86,32 +111,48 @@ def _init_process_group(timeout: timedelta) -> None:
 
 def _timeout_from(argv: list[str]) -> float:
     """``distributed.timeout_s`` from the command line, before Hydra has composed (the
-    default otherwise): the process group's timeout. :func:`check_config` validates the
-    composed value, which the engine's barriers use."""
+    default otherwise, or where it is not a number > 0): the process group's timeout.
+    :func:`check_config` validates the composed value, which the engine's barriers use."""
     for arg in argv:
         if arg.startswith("distributed.timeout_s="):
             try:
-                return float(arg.split("=", 1)[1])
+                value = float(arg.split("=", 1)[1])
             except ValueError:
                 break
+            return value if 0 < value < float("inf") else 1800.0
     return 1800.0
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Stop every rank with one line if the ranks composed different configs (but for
-    ``distributed.silo``, which names each process's own silo)."""
+    """Stop every rank with one line if the ranks speak different message versions or
+    composed different configs (but for :data:`PER_RANK_KEYS`), or if the timeout is not
+    a number > 0. Each rank contributes a fixed int64 [version, digest] row, nothing else."""
     shared = OmegaConf.to_container(cfg, resolve=True)
-    shared.get("distributed", {}).pop("silo", None)
+    for key in PER_RANK_KEYS:
+        group, name = key.split(".")
+        shared.get(group, {}).pop(name, None)
     text = OmegaConf.to_yaml(OmegaConf.create(shared))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    digests: list[Any] = [None] * world_size()
-    dist.all_gather_object(digests, digest)
-    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    digest = hashlib.sha256(text.encode()).digest()
+    mine = torch.cat(
+        [torch.tensor([VERSION]), torch.frombuffer(bytearray(digest), dtype=torch.int64)]
+    )
+    rows = [torch.zeros_like(mine) for _ in range(world_size())]
+    dist.all_gather(rows, mine)
+    versions = [int(r[0]) for r in rows]
+    older = [f"rank {r} speaks {v}" for r, v in enumerate(versions) if v != VERSION]
+    if older:
+        raise ConfigError(
+            "distributed",
+            f"every rank must run the same fedtorch: this rank speaks message version "
+            f"{VERSION}, {', '.join(older)}",
+        )
+    hexes = [bytes(r[1:].numpy().tobytes()).hex()[:12] for r in rows]
+    differing = [r for r, d in enumerate(hexes) if d != hexes[0]]
     if differing:
         raise ConfigError(
             "distributed",
             f"rank(s) {', '.join(map(str, differing))} composed a different config from "
-            f"rank 0's (hash {digests[0]}); every rank must get the same overrides",
+            f"rank 0's (hash {hexes[0]}); every rank must get the same overrides",
         )
     timeout = cfg.distributed.timeout_s
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
@@ -122,27 +163,6 @@ def finish() -> None:
     """Leave the process group (at the end of a run, on every rank)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# Messages: a Python object as a pickled uint8 tensor (length first), sent without blocking
-# so a worker can go on training while rank 0 is busy with earlier clients.
-
-
-def isend_object(obj: Any, dst: int) -> list[Any]:
-    """Start sending ``obj`` to rank ``dst``; returns (work, buffer) pairs: wait on each
-    work, and keep its buffer alive until then."""
-    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    length = torch.tensor([data.numel()], dtype=torch.int64)
-    return [(dist.isend(length, dst), length), (dist.isend(data, dst), data)]
-
-
-def recv_object(src: int) -> Any:
-    """The next object rank ``src`` sent with :func:`isend_object`."""
-    length = torch.empty(1, dtype=torch.int64)
-    dist.recv(length, src)
-    data = torch.empty(int(length.item()), dtype=torch.uint8)
-    dist.recv(data, src)
-    return pickle.loads(data.numpy().tobytes())
 
 
 class DistributedError(FedtorchError):
