@@ -211,7 +211,7 @@ class Evaluator:
     ) -> None:
         if memory_mb is not None and isinstance(data.test_x, torch.Tensor):
             rows = data.task.evaluation_rows(batch_size, data.test_x, data.num_classes, memory_mb)
-            if rows < batch_size:
+            if rows < min(batch_size, len(data.test_y)):  # the cap changes the batches
                 log.info(
                     "evaluation: batches of %d rows (eval_batch_size=%d, but %d rows of "
                     "[T=%d, V=%d] float32 logits fill eval_memory_mb=%g)",
