@@ -29,7 +29,7 @@ def round_time(overrides: list[str]) -> float:
         cfg = compose(config_name="train", overrides=overrides)
     orch = build(cfg, HERE / "outputs" / "transformer_engines")
     t0 = time.perf_counter()
-    orch._train_round(1)
+    orch._train_round(orch._start_round(1))
     return time.perf_counter() - t0
 
 
