@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from fedtorch.config.validate import validate_config
+from fedtorch.data.silos import _exchange
 from fedtorch.engines import distributed, messages
 from fedtorch.engines.distributed import SummedRound, _Inbox, _Ledger, _tasks_message
 from fedtorch.engines.messages import MessageError, decode, encode
-from fedtorch.errors import ConfigError
+from fedtorch.errors import ConfigError, DataError
 from fedtorch.models.mlp import MLP
 from fedtorch.results import ClientResult, ClientTask
 from tests.conftest import FAST, REPO, compose_config
-from tests.test_distributed import RUN, fedtorch_run
+from tests.test_distributed import RUN, fedtorch_run, one_rank_group  # noqa: F401
 
 MARKER_ENV = "FEDTORCH_TEST_MARKER"
 
@@ -329,6 +330,27 @@ def test_allreduce_sums_must_be_finite_and_weigh_what_rank_0_knows():
     nan = torch.tensor([1.0, float("nan"), 0.0, 0.0])
     with pytest.raises(MessageError, match="^distributed: one of ranks 1, 2 sent a non-finite"):
         summed_round([10.0, 30.0, 5.0], [0.0, 0.0, 0.0], nan).check({1: 30.0, 2: 5.0}, 2)
+
+
+@pytest.mark.parametrize(
+    ("mine", "says"),
+    [
+        ({0: ([5, 4, 1], [[5], [4], [1]], 2)}, "rank 0 (silo 0) announced 3 clients; data.silos.0"),
+        ({0: ([5, 4], [[2, 2], [4]], 2)}, "rank 0 (silo 0) sent client 0 of its silo a size 5 and"),
+        ({0: ([5, -1], [[5], [-1]], 2)}, "client 1 of its silo a size -1"),
+        ({0: ([5, 4], [[5], [4]], 0)}, "rank 0 (silo 0) announced 0 classes"),
+    ],
+)
+def test_a_silo_announcing_sizes_unlike_its_config_or_histograms_is_one_line(
+    one_rank_group,  # noqa: F811
+    mine,
+    says,
+):
+    with pytest.raises(DataError) as info:
+        _exchange(mine, [{"num_clients": 2}], [0])
+    assert str(info.value).startswith("distributed: ") and says in str(info.value)
+    known = _exchange({0: ([5, 4], [[2, 3], [4]], 2)}, [{"num_clients": 2}], [0])
+    assert known[0] == ([5, 4], [[2, 3], [4]], 2)
 
 
 def test_a_task_field_the_schema_does_not_carry_is_not_sent_silently(monkeypatch):
