@@ -252,6 +252,22 @@ CASES: list[tuple[str, list[str], str]] = [
         "resume: {data}/magic/t10k-labels-idx1-ubyte is not a checkpoint of a run",
     ),
     (
+        "collective not gather or allreduce",
+        ["aggregation.collective=ring"],
+        "aggregation.collective: must be gather or allreduce, got 'ring'",
+    ),
+    (
+        "distributed timeout of 0",
+        ["distributed.timeout_s=0"],
+        "distributed.timeout_s: must be a number > 0, got 0",
+    ),
+    (
+        "a silo without data.silos",
+        ["distributed.silo=0"],
+        "distributed.silo: is 0, but data.silos is not set: it names this process's silo of "
+        "data.silos; leave it null",
+    ),
+    (
         "secure mode that is not a boolean",
         ["privacy=dp_central", "privacy.secure_mode=maybe"],
         "privacy.secure_mode: must be true, false or null, got 'maybe'",
@@ -264,12 +280,34 @@ CASES: list[tuple[str, list[str], str]] = [
 ]
 
 
+# How the text cases' fixture placeholders read in the README.
+TEXT_FIXTURES = {
+    "{rows}": "rows.jsonl",
+    "{empty}": "empty.jsonl",
+    "{no_pad}": "/models/nopad",
+    "{one_label}": "one_label.jsonl",
+    "{chat}": "chat.jsonl",
+    "{long}": "long.jsonl",
+    "{alpaca}": "alpaca.jsonl",
+}
+
+
 def markdown() -> str:
-    """The README table."""
+    """The README table: these cases, then dataset=text's (``tests/text_bad_inputs.py``)."""
+    from tests.text_bad_inputs import CASES as TEXT_CASES
+
     lines = ["| bad input | command-line example | message (`error: ...`) |", "|---|---|---|"]
-    for what, overrides, message in CASES:
-        example = " ".join(overrides).replace("|", "\\|")
-        lines.append(f"| {what} | `{example}` | `{message}` |")
+    rows = [(what, " ".join(overrides), message) for what, overrides, message in CASES]
+    for what, overrides, message in TEXT_CASES:
+        example = "dataset=text ... " + " ".join(overrides)
+        for placeholder, shown in TEXT_FIXTURES.items():
+            example, message = (
+                example.replace(placeholder, shown),
+                message.replace(placeholder, shown),
+            )
+        rows.append((what, example, message))
+    for what, example, message in rows:
+        lines.append(f"| {what} | `{example.replace('|', chr(92) + '|')}` | `{message}` |")
     return "\n".join(lines)
 
 
