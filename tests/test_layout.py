@@ -118,6 +118,13 @@ def test_a_checkpoint_written_before_the_regrouping_still_resumes() -> None:
         "adapter._target_": "fedtorch.models.adapters.LoRA",
     }
     assert config_differences(before, now) == []
+    # Keys added since: a checkpoint without them resumes while they keep their neutral value.
+    added = {
+        "client.lr_schedule": "constant",
+        "privacy.secure_mode": None,
+        "secure_aggregation.graph": "sparse",
+    }
+    assert config_differences(before, {**now, **added}) == []
     other = {**now, "client._target_": "fedtorch.client.dpsgd.DPSGDTrainer"}
     assert config_differences(before, other) == [
         "client._target_ ('fedtorch.client.trainer.ClientTrainer' -> "

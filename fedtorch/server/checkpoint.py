@@ -74,6 +74,9 @@ RESUME_IGNORED = (
     "verbose",
     "eval_every",
     "eval_batch_size",
+    "eval_max_batches",
+    "eval_memory_mb",
+    "communication_budget_mb",
     "eval_clients",
     "eval_local",
     "torch_threads",
@@ -168,6 +171,13 @@ ADDED_KEYS: dict[str, Any] = {
     "data.in_memory": True,
     "data.augment": False,
     "data.silos": None,
+    "client.lr_schedule": "constant",
+    "client.lr_min": 0.0,
+    "privacy.secure_mode": None,
+    "secure_aggregation.graph": "sparse",
+    "secure_aggregation.dropout_rate": 0.1,
+    "secure_aggregation.corruption_rate": 0.1,
+    "secure_aggregation.dropout_stage": "input",
 }
 
 
