@@ -18,6 +18,8 @@ Classification arms, for alpha in {0.1, 1.0}, all with Adam (moments reset every
 * ``random_full``: the same architecture from its config, random weights, lr 3e-4;
 * ``pretrained_lora8``: LoRA r = 8 (alpha 16) on every linear layer, the new head trained in
   full, lr 1e-3;
+* ``pretrained_lora8_fast``: the same at lr 5e-3 (added after the lr 1e-3 arm had barely
+  started to learn in 10 rounds);
 * ``pretrained_local``: every weight local to its client (never averaged), each client's
   own model evaluated on its own test rows (``eval_local``), lr 3e-4;
 
@@ -79,6 +81,13 @@ ARMS = {
         "adapter.r=8",
         "adapter.alpha=16",
         "client.optimizer.lr=1e-3",
+    ],
+    "pretrained_lora8_fast": [
+        "model=minilm",
+        "adapter=lora",
+        "adapter.r=8",
+        "adapter.alpha=16",
+        "client.optimizer.lr=5e-3",
     ],
     "pretrained_local": [
         "model=minilm",
@@ -226,6 +235,8 @@ ORDER = (
     "pretrained_local_alpha1.0",
     "random_full_alpha0.1",
     "random_full_alpha1.0",
+    "pretrained_lora8_fast_alpha0.1",
+    "pretrained_lora8_fast_alpha1.0",
 )
 
 
@@ -247,6 +258,7 @@ LABELS = {
     "pretrained_full": "pretrained, full",
     "random_full": "random init, full",
     "pretrained_lora8": "pretrained, LoRA r=8",
+    "pretrained_lora8_fast": "pretrained, LoRA r=8, lr 5e-3",
     "pretrained_local": "pretrained, local only",
     "pretrained_central": "pretrained, centralized",
 }
