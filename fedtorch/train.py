@@ -30,6 +30,7 @@ from fedtorch.logging.files import atomic_write_bytes
 from fedtorch.server import checkpoint
 from fedtorch.server.checkpoint import Interrupted
 from fedtorch.server.evaluation import num_batches
+from fedtorch.server.round_pipeline import RoundClientSide
 
 log = logging.getLogger("fedtorch")
 
@@ -125,6 +126,11 @@ def _serve(cfg: DictConfig) -> None:
             orchestrator.model.load_state_dict(orchestrator.global_state)
             return orchestrator.evaluator.test_batch_totals(batches)
 
+        def client_side(round_idx: int) -> RoundClientSide:
+            # The client's steps of the round, run here on each update before it is sent.
+            orchestrator.compression.start_round(round_idx)
+            return orchestrator.pipelines.client_side(round_idx)
+
         evaluator = orchestrator.evaluator
         orchestrator.engine.serve(
             orchestrator.trainer,
@@ -135,6 +141,7 @@ def _serve(cfg: DictConfig) -> None:
             evaluate_here if orchestrator.silos is not None else None,
             evaluate_batches,
             test_batches=num_batches(len(evaluator.data.test_y), evaluator.batch_size),
+            client_side=client_side,
         )
 
 

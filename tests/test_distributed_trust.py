@@ -110,8 +110,8 @@ def test_a_pickle_where_a_header_belongs_is_refused_and_never_unpickled(tmp_path
         (b"[1, 2]", "not an object"),
         (b"[" * 100_000 + b"]" * 100_000, "not a fedtorch header"),  # nesting past recursion
         (
-            json.dumps({"v": 2, "kind": "updates"}).encode(),
-            "of version 2; this rank speaks version 1",
+            json.dumps({"v": messages.VERSION + 1, "kind": "updates"}).encode(),
+            f"of version {messages.VERSION + 1}; this rank speaks version {messages.VERSION}",
         ),
         (json.dumps({"kind": "updates"}).encode(), "of version None"),
         (json.dumps({"v": True, "kind": "updates"}).encode(), "of version True"),

@@ -5,7 +5,9 @@ Uplink: each client's update x (its model delta, after the attack step, if any) 
 by the chosen compressor; the server decodes it and the decoded update C(x) goes on
 through the pipeline (privacy, secure aggregation, the strategy's aggregator: every
 strategy, robust ones included, sees decoded updates). The bytes counted for the client
-are the encoded tensors' size.
+are the encoded tensors' size. Under ``engine=distributed`` :meth:`Compression.step` runs
+on the rank that trained the client, which sends the decoded update and the encoded size
+(error feedback is refused there: the residual would have to stay where the client trains).
 
 Error feedback (Stich et al. 2018, "Sparsified SGD with Memory"; Karimireddy et al. 2019):
 client k keeps the residual e_k of what it did not send. When sampled, it compresses

@@ -488,6 +488,8 @@ def build(cfg: DictConfig, run_dir: Path) -> Orchestrator:
     check_engine_and_attack(
         engine, strategy, privacy, secure_agg, compression, adapter, attack, data
     )
+    if hasattr(engine, "check_client_side"):  # client-side steps run where clients train
+        engine.check_client_side(compression=compression, privacy=privacy, secure_agg=secure_agg)
     logger = _setup_logger(cfg, run_dir)
 
     settings = RunSettings(

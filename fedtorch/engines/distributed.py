@@ -19,6 +19,18 @@ round's pipeline in cohort order (``aggregation.collective=gather``), so every s
 robust ones included, aggregates exactly what the one-process run aggregates: the final
 weights are bit-identical whatever the number of processes (with the same
 ``torch_threads`` per process; the number of intra-op threads can change float results).
+The client's side of each update (:class:`~fedtorch.server.round_pipeline.RoundClientSide`:
+the simulated attack's rewrite, compression's encode and decode, DP clipping and local noise,
+in that order, as in one process) runs on the rank that trained the client; an ``updates``
+row is what it sent (clipped and noised under DP, the decoded update under compression),
+with a receipt (encoded bytes, adaptive clipping's bit) in its report, and rank 0 runs only
+the server's steps (:meth:`UpdatePipeline.add_sent`). Rank 0 sends the round's clip norm
+with the tasks (adaptive clipping moves it on rank 0). Noise is drawn from (seed, round,
+client), or the OS CSPRNG in ``privacy.secure_mode``, so with seeded noise the run is
+bit-identical to one process. What cannot run on the worker yet is refused before
+training (:meth:`DistributedEngine.check_client_side`): secure aggregation and compression's
+error feedback (``aggregation.collective=allreduce`` with any per-update step is refused by
+:func:`fedtorch.config.validate.check_engine_and_attack`).
 The test set is evaluated by every rank, a share of its batches each, and the per-batch
 terms are added on rank 0 in batch order (the one-process figures, bit for bit). Between
 rounds the orchestrator starts the next round (:meth:`DistributedEngine.start`) as soon as
@@ -62,7 +74,7 @@ from fedtorch.engines import messages
 from fedtorch.engines.messages import MessageError
 from fedtorch.engines.process_group import DistributedError, lost_peer
 from fedtorch.errors import ConfigError
-from fedtorch.pipeline.pipeline import UpdatePipeline, all_finite
+from fedtorch.pipeline.pipeline import ClientSide, RejectedUpdate, UpdatePipeline, all_finite
 from fedtorch.results import ClientFailure, ClientResult, ClientTask, resolve
 
 log = logging.getLogger("fedtorch")
@@ -142,6 +154,32 @@ class DistributedEngine:
         # Buffers kept between rounds: a worker's update batches, rank 0's received ones.
         self._send_pool: list[torch.Tensor] = []
         self._received: dict[int, torch.Tensor | None] = {}
+        # DP settings (check_client_side): rank 0 sends the round's clip norm, workers clip
+        # with it.
+        self._privacy: Any = None
+
+    def check_client_side(self, *, compression: Any, privacy: Any, secure_agg: Any) -> None:
+        """Refuse the client-side steps that cannot run on the rank that trained the client
+        yet (rather than run them on rank 0), and keep the DP settings for the clip norm.
+
+        Error feedback is refused: a client's residual would have to live where the client
+        trains, but clients move between ranks from round to round (load balancing), and
+        shipping the residual through rank 0 would show rank 0 the coordinates the client
+        did not send (p - C(p), un-noised)."""
+        self._privacy = privacy if privacy.enabled else None
+        if secure_agg.enabled:
+            raise ConfigError(
+                "secure_aggregation.enabled",
+                "engine=distributed cannot mask on the ranks that train the clients yet (it "
+                "would mask on rank 0, which then sees every unmasked update); use "
+                "engine=sequential or engine=vectorized",
+            )
+        if compression.error_feedback:
+            raise ConfigError(
+                "compression.error_feedback",
+                "engine=distributed cannot keep a client's residual where it trains (clients "
+                "move between ranks); use error_feedback=false or engine=sequential",
+            )
 
     def check(self, trainer: ClientTrainer) -> None:
         """Refuse what lives on the rank that trained a client, not on the server."""
@@ -285,7 +323,8 @@ class DistributedEngine:
                 for i, (owner, chunk) in enumerate(assigned)
                 if owner == worker
             ]
-            header, blocks = _tasks_message(mine, round_idx, global_vector)
+            clip_norm = None if self._privacy is None else float(self._privacy.clip_norm)
+            header, blocks = _tasks_message(mine, round_idx, global_vector, clip_norm)
             pending += messages.send("tasks", header, blocks, worker)
         self._started = (assigned, load, pending, time.perf_counter())
 
@@ -364,6 +403,13 @@ class DistributedEngine:
                 if not inbox.items:
                     inbox.fill(owner)
                 kind, payload, row = inbox.items.popleft()
+                if kind == "update":
+                    result, receipt = payload
+                    try:
+                        sink.add_sent(result, row, receipt)
+                    except ValueError as exc:
+                        raise MessageError(owner, f"a report of {exc}") from None
+                    continue
                 if kind == "end":
                     return 0.0
                 if kind == "busy":
@@ -372,8 +418,6 @@ class DistributedEngine:
                     sink.fail(payload)
                 elif kind == "summed":
                     sink.add_elsewhere(payload)
-                else:
-                    sink.add(payload, row)
         except RuntimeError as exc:
             clients = ", ".join(str(t.client_id) for t in chunk)
             raise lost_peer(
@@ -499,12 +543,14 @@ class DistributedEngine:
         evaluate_here: Callable[[], dict[int, torch.Tensor]] | None = None,
         evaluate_batches: Callable[[list[int]], torch.Tensor] | None = None,
         test_batches: int | None = None,
+        client_side: Callable[[int], ClientSide] | None = None,
     ) -> None:
         """A worker's loop: each round, receive the weights and this rank's chunks, train
         them, send the updates; with silos, evaluate the weights rank 0 sends on this
         rank's silo when asked (``evaluate_here``); return when rank 0 says stop.
         ``test_batches``: the number of test batches this rank holds (an evaluation
-        announced for another number is refused)."""
+        announced for another number is refused). ``client_side(round)``: the client's
+        steps of a round, run on each update before it is sent."""
         limits = {"evaluate": test_batches} if test_batches is not None else {}
         counter_keys = list(getattr(trainer, "counter_keys", ()))
         while True:
@@ -537,6 +583,7 @@ class DistributedEngine:
                 round_idx = value
                 self._broadcast_weights(global_state, global_vector)
                 chunks = self._receive_tasks(round_idx, shards, global_vector)
+                side = client_side(round_idx) if client_side is not None else None
             except RuntimeError as exc:
                 raise lost_peer(
                     f"distributed: rank {self.rank} heard nothing from rank 0 within "
@@ -551,6 +598,7 @@ class DistributedEngine:
                 counter_keys,
                 summed if self.collective == "allreduce" else None,
                 self._send_pool,
+                side,
             )
             start = time.perf_counter()
             for chunk, flush in chunks:
@@ -573,6 +621,13 @@ class DistributedEngine:
             raise MessageError(
                 0, f"the tasks of round {message.fields['round']} during round {round_idx}"
             )
+        clip_norm = message.fields["clip_norm"]
+        if (clip_norm is None) != (self._privacy is None):
+            raise MessageError(
+                0, f"a clip norm of {clip_norm} where this rank's privacy settings differ"
+            )
+        if clip_norm is not None:
+            self._privacy.clip_norm = clip_norm  # rank 0's, moved by adaptive clipping
         seen: set[int] = set()
         counts = {"correction": 0, "step_correction": 0}
         for chunk in message.fields["chunks"]:
@@ -674,7 +729,8 @@ class SummedRound:
 
 
 class _Forward:
-    """A worker's sink: updates, failures and chunk ends are sent to rank 0 in batches (an
+    """A worker's sink: updates (after ``client_side``, the client's steps), failures and
+    chunk ends are sent to rank 0 in batches (an
     ``updates`` message: the reports, then one [rows, P] tensor of updates), each sent
     without blocking once it holds ``SEND_BUDGET_BYTES`` of updates or rank 0 needs it
     (the end of a run of this rank's chunks); one batch is in flight while the next fills,
@@ -689,8 +745,10 @@ class _Forward:
         counter_keys: Sequence[str] = (),
         summed: SummedRound | None = None,
         pool: list[torch.Tensor] | None = None,
+        client_side: ClientSide | None = None,
     ) -> None:
         self.summed, self.round_idx, self.counter_keys = summed, round_idx, list(counter_keys)
+        self.client_side = client_side
         # Batch buffers kept from round to round (fresh 64 MB every round costs page faults).
         self.pool = pool if pool is not None else []
         per_row = like.numel() * like.element_size()
@@ -726,9 +784,16 @@ class _Forward:
             else:
                 self.fail(ClientFailure(client.client_id, "update has NaN or Inf values"))
             return
-        self._next_row().copy_(delta.detach().reshape(-1))
+        update, receipt = delta, {}
+        if self.client_side is not None:
+            try:
+                update, receipt = self.client_side.run(client, delta)
+            except RejectedUpdate as rejected:
+                self.fail(ClientFailure(client.client_id, str(rejected)))
+                return
+        self._next_row().copy_(update.detach().reshape(-1))
         self.rows += 1
-        self.items.append(_report("update", client, self.counter_keys))
+        self.items.append({**_report("update", client, self.counter_keys), **receipt})
         if self.rows == self.capacity:
             self.flush()
 
@@ -890,10 +955,12 @@ class _Inbox:
         items = message.fields["items"]
         if not items:
             raise MessageError(owner, f"an empty updates message in round {ledger.round_idx}")
-        parsed = []
+        parsed, receipts = [], []
         for item in items:
             ledger.take(item)
             parsed.append(self._parse(owner, item))
+            if item["t"] == "update":
+                receipts.append({k: item[k] for k in ("sent_bytes", "within_clip") if k in item})
         rows = sum(1 for item in items if item["t"] == "update")
         size = self.like.numel()
         messages.check_payload(message, 0, self.like.dtype, (rows, size))
@@ -903,11 +970,13 @@ class _Inbox:
                 self.batch = torch.empty(rows, size, dtype=self.like.dtype)
             messages.receive_payload(message, 0, self.like.dtype, (rows, size), self.batch[:rows])
         row = 0
+        receipts_in_order = iter(receipts)
         for kind, payload in parsed:
             view = None
             if kind == "update":
                 view = self.batch[row]
                 row += 1
+                payload = (payload, next(receipts_in_order))  # with the client side's receipt
             elif kind == "summed":
                 self.summed.append(payload)
             self.items.append((kind, payload, view))
@@ -978,9 +1047,11 @@ def _tasks_message(
     chunks: Sequence[tuple[Sequence[ClientTask], bool]],
     round_idx: int,
     like: torch.Tensor,
+    clip_norm: float | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """The ``tasks`` message of one worker: its chunks (with whether to flush after each)
-    and the tasks' per-client vectors, evaluated on the CPU, as two [n, P] blocks."""
+    """The ``tasks`` message of one worker: its chunks (with whether to flush after each),
+    the round's DP clip norm (None without DP) and the tasks' per-client vectors, evaluated
+    on the CPU, as two [n, P] blocks."""
     vectors: dict[str, list[torch.Tensor]] = {"correction": [], "step_correction": []}
     out = []
     for chunk, flush in chunks:
@@ -1010,7 +1081,7 @@ def _tasks_message(
         torch.stack(found) if found else torch.empty(0, like.numel(), dtype=like.dtype)
         for found in vectors.values()
     ]
-    return {"round": round_idx, "chunks": out}, blocks
+    return {"round": round_idx, "chunks": out, "clip_norm": clip_norm}, blocks
 
 
 def _eval_batches(count: int, world: int, rank: int) -> list[int]:

@@ -17,11 +17,13 @@ dtype and shape against what it assigned (:func:`receive_payload`), so no peer s
 allocation beyond that. Anything else stops the run with one line, a
 :class:`MessageError` naming the sending rank and what it sent.
 
-The kinds and their schemas are one table (:data:`KINDS`). A kind that carries something
-new (encoded or masked updates from the rank that trained the clients, say) is a new
-entry there, with its own fields and payloads, and a new ``VERSION`` if an existing kind
-changes. Control announcements from rank 0 (start a round, evaluate, stop) are a fixed
-``int64[3]`` tensor, ``[VERSION, code, value]`` (:data:`ANNOUNCEMENTS`).
+The kinds and their schemas are one table (:data:`KINDS`). An ``updates`` row is what the
+client side sent (clipped and noised under DP, the decoded update under compression) and
+its report carries the client side's receipt. A kind that carries something new (encoded
+or masked updates from the rank that trained the clients, say) is a new entry there, with
+its own fields and payloads, and a new ``VERSION`` if an existing kind changes. Control
+announcements from rank 0 (start a round, evaluate, stop) are a fixed ``int64[3]`` tensor,
+``[VERSION, code, value]`` (:data:`ANNOUNCEMENTS`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch.distributed as dist
 
 from fedtorch.errors import FedtorchError
 
-VERSION = 1
+VERSION = 2  # 2: tasks carry the clip norm, reports the client side's receipt
 
 # Bounds on what a peer may announce, before anything it announces is allocated.
 MAX_INT = 2**53  # integers in a header (ids, counts, sizes): exact in a float64 too
@@ -267,7 +269,12 @@ RESULT = Record(
         "samples": Int(0, MAX_INT),
         "metrics": METRICS,
         "counters": ListOf(Number(finite=False), MAX_COUNTER_VALUES),
-    }
+        # The client side's receipt (fedtorch.server.round_pipeline.RoundClientSide): the
+        # encoded update's bytes (compression) and adaptive clipping's bit (DP).
+        "sent_bytes": Int(0, MAX_INT),
+        "within_clip": Flag(),
+    },
+    optional=frozenset({"sent_bytes", "within_clip"}),
 )
 REPORT = Tagged(
     "t",
@@ -282,10 +289,15 @@ REPORT = Tagged(
 
 KINDS: dict[str, Kind] = {
     "tasks": Kind(
-        {"round": Int(0, MAX_INT), "chunks": ListOf(CHUNK, MAX_CLIENTS)},
+        {
+            "round": Int(0, MAX_INT),
+            "chunks": ListOf(CHUNK, MAX_CLIENTS),
+            "clip_norm": Maybe(Number(lo=0.0)),  # DP's clip norm this round (null: no DP)
+        },
         ("corrections", "step_corrections"),
-        "rank 0 -> worker: the worker's chunks of a round, in cohort order, and the "
-        "per-client vectors the strategy keeps on the server, one [n, P] block each",
+        "rank 0 -> worker: the worker's chunks of a round, in cohort order, the round's DP "
+        "clip norm, and the per-client vectors the strategy keeps on the server, one [n, P] "
+        "block each",
     ),
     "updates": Kind(
         {"round": Int(0, MAX_INT), "items": ListOf(REPORT, 4 * MAX_CLIENTS)},

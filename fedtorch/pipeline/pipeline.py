@@ -12,6 +12,13 @@ return something else to pass on (secure aggregation's masked message), or raise
 :class:`RejectedUpdate` to drop the client from the round (logged as a failure). Engines
 lend the delta only for the duration of :meth:`UpdatePipeline.add`, so no step and no
 aggregator may keep it; the server therefore never holds the round's [K, P] matrix.
+
+The steps the docs call the client's (the attack, compression, DP clipping and local noise)
+form the pipeline's :class:`ClientSide`. In one process :meth:`UpdatePipeline.add` runs
+them and then the server's steps; under ``engine=distributed`` the rank that trained the
+client runs them and rank 0 hands what arrived, with the client's receipt (bytes sent, the
+adaptive-clipping bit), to :meth:`UpdatePipeline.add_sent`, which runs the server's steps
+only.
 """
 
 from __future__ import annotations
@@ -29,6 +36,20 @@ Step = Callable[[ClientResult, Any], Any]
 
 class RejectedUpdate(Exception):
     """Raised by a step: the client's update is unusable; the message says why."""
+
+
+class ClientSide(Protocol):
+    """The client's steps of one round, and what the server records of what they sent."""
+
+    def run(self, client: ClientResult, delta: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+        """Where the client trained: its update as sent, and its receipt (plain values the
+        server records); raises :class:`RejectedUpdate` for an unusable update."""
+        ...
+
+    def accept(self, client: ClientResult, receipt: dict[str, Any]) -> None:
+        """On the server: record a client's receipt; raises ``ValueError`` (saying what is
+        wrong) for a receipt that lacks what this round's steps report."""
+        ...
 
 
 class UpdateSink(Protocol):
@@ -70,8 +91,10 @@ class UpdatePipeline:
             order they failed.
     """
 
-    def __init__(self, steps: Sequence[Step], aggregator: Aggregator) -> None:
-        self.steps, self.aggregator = list(steps), aggregator
+    def __init__(
+        self, steps: Sequence[Step], aggregator: Aggregator, client_side: ClientSide | None = None
+    ) -> None:
+        self.steps, self.aggregator, self.client_side = list(steps), aggregator, client_side
         self.clients: list[ClientResult] = []
         self.failures: list[ClientFailure] = []
 
@@ -80,6 +103,27 @@ class UpdatePipeline:
         aggregator."""
         update: Any = delta
         try:
+            if self.client_side is not None:
+                update, receipt = self.client_side.run(client, update)
+                self.client_side.accept(client, receipt)
+            for step in self.steps:
+                update = step(client, update)
+        except RejectedUpdate as rejected:
+            self.failures.append(ClientFailure(client.client_id, str(rejected)))
+            return
+        self.aggregator.add(client, update)
+        self.clients.append(client)
+
+    def add_sent(self, client: ClientResult, sent: torch.Tensor, receipt: dict[str, Any]) -> None:
+        """Take one client's update [P] as the rank that trained it sent it (after its
+        client-side steps; lent, not kept): check it is finite, record its ``receipt``,
+        then run the server's steps into the aggregator. Raises ``ValueError`` for a
+        receipt this round's client side does not accept."""
+        update: Any = sent
+        try:
+            check_finite(client, sent)
+            if self.client_side is not None:
+                self.client_side.accept(client, receipt)
             for step in self.steps:
                 update = step(client, update)
         except RejectedUpdate as rejected:

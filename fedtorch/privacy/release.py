@@ -1,8 +1,9 @@
 """What the server releases from a round's updates when privacy or secure aggregation is on.
 
 :class:`PrivateRound` is one round of it, fed one client at a time by the update pipeline:
-its client-side step clips (and in local mode noises) each update with DP, or without DP
-pre-weights it so that the sum is already the average; secure aggregation then masks it.
+each update arrives clipped (and in local mode noised) by the client's side with DP;
+without DP its step pre-weights the update so that the sum is already the average;
+secure aggregation then masks it.
 As an aggregator it sums the updates (in the clear, or as a ring sum of masked vectors),
 and when the round finishes it unmasks the sum, adds the central noise, divides by the
 expected cohort size, and hands the released mean to the strategy's server step. Its
@@ -62,10 +63,11 @@ class PrivateRound:
         self.metrics: dict[str, Any] = {}
 
     def client_step(self, client: ClientResult, update: torch.Tensor) -> torch.Tensor:
-        """The client's side before masking: clip and noise (DP) or pre-weight, in place."""
-        if self.privacy.enabled:
-            self.unclipped += self.privacy.privatize(update, client.client_id, self.round_idx)
-        else:
+        """The step before masking: without DP pre-weight the update, in place; count it.
+        DP's clipping and local noise ran on the client's side
+        (:class:`~fedtorch.server.round_pipeline.RoundClientSide`), which also recorded
+        the adaptive-clipping bit in :attr:`unclipped`."""
+        if not self.privacy.enabled:
             update.mul_(self.weights[client.client_id] / self.cohort_weight)
         self.reported_weight += self.weights[client.client_id]
         self.reported += 1

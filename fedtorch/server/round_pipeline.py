@@ -1,6 +1,8 @@
 """A round's update pipeline, assembled from the run's components.
 
-    check_finite ─► attack? ─► compress and decode? ─► clip/noise and mask? ─► aggregator
+    client side (:class:`RoundClientSide`, where the client trained):
+        check_finite ─► attack? ─► compress and decode? ─► clip (+ local noise)?
+    server:  pre-weight and mask? ─► aggregator
 
 The aggregator is the strategy's (running sums, or rows for the rules that need them),
 wrapped for exact LoRA aggregation; with privacy or secure aggregation it is the private
@@ -62,11 +64,7 @@ class RoundPipelines:
         global_vector: torch.Tensor,
     ) -> UpdatePipeline:
         """The pipeline of round ``round_idx`` whose clients are ``tasks``."""
-        steps: list[Any] = [check_finite]
-        if self.attack.rewrites_updates:
-            steps.append(lambda client, delta: self._attack(client, delta, round_idx))
-        if self.compression.enabled:  # before privacy: DP clips the decoded update
-            steps.append(self.compression.step)
+        steps: list[Any] = []
         if self.privacy.enabled or self.secure_agg.enabled:
             aggregator: Any = self._private(tasks, round_idx, global_vector)
             steps.append(aggregator.client_step)
@@ -74,11 +72,13 @@ class RoundPipelines:
             aggregator = SummedRound(self.strategy, global_vector, round_idx)
         else:
             aggregator = self._strategy_round(len(tasks), round_idx, global_state, global_vector)
-        return UpdatePipeline(steps, aggregator)
+        private = aggregator if isinstance(aggregator, PrivateRound) else None
+        return UpdatePipeline(steps, aggregator, self.client_side(round_idx, private))
 
-    def _attack(self, client: ClientResult, delta: torch.Tensor, round_idx: int) -> torch.Tensor:
-        self.attack.rewrite(client.client_id, delta, round_idx)
-        return delta
+    def client_side(self, round_idx: int, private: PrivateRound | None = None) -> RoundClientSide:
+        """The client's steps of round ``round_idx`` (on a worker rank: ``private`` None,
+        and the compression's round started by the caller)."""
+        return RoundClientSide(self.attack, self.compression, self.privacy, round_idx, private)
 
     def _private(
         self, tasks: list[ClientTask], round_idx: int, global_vector: torch.Tensor
@@ -122,3 +122,54 @@ class RoundPipelines:
             global_state,
             self.strategy.client_weight,
         )
+
+
+class RoundClientSide:
+    """The steps of one round that belong to the client, in this order: reject a non-finite
+    update, the simulated attack's rewrite, compression (encode, then the decoded update
+    goes on; the error-feedback residual is staged), DP clipping (and in local mode the
+    client's noise). Runs where the client trained: in the one process, or on the worker
+    rank under ``engine=distributed``, so rank 0 receives the clipped, noised, decoded
+    update and a receipt, never the raw delta.
+
+    The receipt (:meth:`run`) holds what the server records and cannot recompute without
+    the raw delta: ``sent_bytes`` (the encoded message's size, with compression) and
+    ``within_clip`` (adaptive clipping's bit, with DP); :meth:`accept` records it in the
+    compression's byte counts and in ``private``'s clipped count.
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        compression: Compression,
+        privacy: DifferentialPrivacy | NoPrivacy,
+        round_idx: int,
+        private: PrivateRound | None = None,
+    ) -> None:
+        self.attack, self.compression, self.privacy = attack, compression, privacy
+        self.round_idx, self.private = round_idx, private
+
+    def run(self, client: ClientResult, delta: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The update as the client sends it, and its receipt."""
+        update = check_finite(client, delta)
+        if self.attack.rewrites_updates:
+            self.attack.rewrite(client.client_id, update, self.round_idx)
+        receipt: dict[str, Any] = {}
+        if self.compression.enabled:  # before privacy: DP clips the decoded update
+            update = self.compression.step(client, update)
+            receipt["sent_bytes"] = int(self.compression.sent[client.client_id])
+        if self.privacy.enabled:
+            within = self.privacy.privatize(update, client.client_id, self.round_idx)
+            receipt["within_clip"] = bool(within)
+        return update, receipt
+
+    def accept(self, client: ClientResult, receipt: dict[str, Any]) -> None:
+        """Record a client's receipt (on the server)."""
+        if self.compression.enabled:
+            if "sent_bytes" not in receipt:
+                raise ValueError(f"client {client.client_id} without its sent_bytes")
+            self.compression.sent[client.client_id] = receipt["sent_bytes"]
+        if self.private is not None and self.privacy.enabled:
+            if "within_clip" not in receipt:
+                raise ValueError(f"client {client.client_id} without its within_clip bit")
+            self.private.unclipped += bool(receipt["within_clip"])
