@@ -14,8 +14,8 @@ clients (colluding with an honest-but-curious server, |C| <= gamma n) and a set 
 clients that drop out during the round (|D| <= delta n), both fixed before the graph is
 drawn; they bound the probability of these events over the graph and ask for a total below
 2^-sigma with sigma = 40. This module evaluates the same three events for the graph it
-builds (rather than the Erdos-Renyi estimates of the paper), with c = floor(gamma n),
-d = floor(delta n), m = min(n, c + d), and a union bound over the n clients:
+builds (rather than the Erdos-Renyi estimates of the paper), with c = ceil(gamma n),
+d = ceil(delta n), m = min(n, c + d), and a union bound over the n clients:
 
 1. Disconnection: the honest clients that delivered must stay connected once C and D are
    removed, or the server learns the partial sum of a component. What is left of H(n, k)
@@ -35,9 +35,10 @@ space). :func:`choose_degree` takes the smallest even k in [2, n - 2] (with
 t = :func:`threshold_for`) whose bound is at most 2^-40, else the complete graph if its
 bound is (for the complete graph P2 and P3 are 0 or n: the rule then just checks
 c < t <= n - 1 - d), else refuses the parameters. Both are conservative: worst-case counts
-(floor(rate n) clients are corrupted and drop, counted among each client's n - 1 others)
-and union bounds. Assumption inherited from the paper: C and D do not depend on the graph
-(an adversary that picks its drop-outs after seeing the graph is not covered).
+(ceil(rate n) clients, at least one for any rate above 0, are corrupted and drop, counted
+among each client's n - 1 others) and union bounds. Assumption inherited from the paper: C
+and D do not depend on the graph (an adversary that picks its drop-outs after seeing the
+graph is not covered).
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def failure_bound(
     """Upper bound on the probability that the round is insecure or cannot finish (the
     three events of the module docstring), capped at 1."""
     n, k, t = num_clients, degree, threshold
-    corrupted = math.floor(corruption_rate * n + 1e-9)
-    dropped = math.floor(dropout_rate * n + 1e-9)
+    corrupted = math.ceil(corruption_rate * n - 1e-9)
+    dropped = math.ceil(dropout_rate * n - 1e-9)
     removed = min(n, corrupted + dropped)
     p1 = _disconnection_bound(n, k, removed)
     p2 = n * hypergeometric_tail(n - 1, corrupted, k, t)
