@@ -212,7 +212,10 @@ def test_privacy_and_secure_aggregation_work_on_adapter_updates(tmp_path, plays)
         "privacy=dp_central",
         "privacy.noise_multiplier=0.5",
         "secure_aggregation.enabled=true",
-        "clients_per_round=3",
+        "clients_per_round=4",
+        # Four clients every round: the fewest whose graph tolerates one drop-out and one
+        # corrupted client (secure_aggregation's default rates, rounded up).
+        "privacy.sampling=fixed",
     ]
     orch = build(compose_config(lora_run(plays, extra)), tmp_path / "run")
     before = {k: v.clone() for k, v in orch.global_state.items()}

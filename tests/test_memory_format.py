@@ -58,7 +58,8 @@ def test_auto_uses_channels_last_on_cpu_and_keeps_the_global_state_row_major(tmp
 def test_layouts_train_the_same_up_to_rounding(tmp_path):
     vectors = {}
     for layout in ("channels_last", "contiguous"):
-        orch = build(compose_config([*CONV, "rounds=2", f"memory_format={layout}"]), tmp_path)
+        cfg = compose_config([*CONV, "rounds=2", f"memory_format={layout}"])
+        orch = build(cfg, tmp_path / layout)
         assert conv_layout(orch) == (layout == "channels_last")
         orch.run()
         vectors[layout] = orch.global_vector

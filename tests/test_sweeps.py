@@ -105,6 +105,7 @@ def _assert_same_runs(ours: Path, theirs: Path) -> dict[str, dict]:
     return their_runs
 
 
+@pytest.mark.slow  # about 35 s; `make test-full`
 def test_optuna_preset_with_joblib_equals_the_basic_launcher(tmp_path, capsys):
     """The preset's trials run two at a time by joblib: the sampler proposes the same
     trials (seeded) and each trial's numbers equal those of the basic launcher, one after

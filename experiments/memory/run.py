@@ -44,6 +44,7 @@ RULES = {
     "dp-fedavg + secure aggregation": [
         "strategy=fedavg",
         "privacy=dp_central",
+        "privacy.sampling=fixed",  # exactly K clients a round, as the other rules
         "secure_aggregation.enabled=true",
     ],
     # f = 0 so that K = 3 is allowed (Krum needs K > 2f + 2).
@@ -54,8 +55,9 @@ START, END = "<!-- memory:start -->", "<!-- memory:end -->"
 
 
 def ks_for(rule: str, ks: list[int]) -> list[int]:
-    """Krum is undefined for K = 2 (it needs K > 2f + 2 = 2): it starts at 3."""
-    return [max(k, 3) for k in ks] if rule.startswith("krum") else ks
+    """Krum is undefined for K = 2 (it needs K > 2f + 2 = 2) and secure aggregation needs
+    3 clients (with 2, the sum reveals each input to the other): both start at 3."""
+    return [max(k, 3) for k in ks] if rule.startswith(("krum", "dp-fedavg")) else ks
 
 
 def run_cell(tree: Path, rule: str, k: int) -> dict:
