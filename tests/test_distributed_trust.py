@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtorch.config.validate import validate_config
 from fedtorch.data.silos import _exchange
 from fedtorch.engines import distributed, messages
 from fedtorch.engines.distributed import SummedRound, _Inbox, _Ledger, _tasks_message
 from fedtorch.engines.messages import MessageError, decode, encode
-from fedtorch.errors import ConfigError, DataError
+from fedtorch.errors import DataError
 from fedtorch.models.mlp import MLP
 from fedtorch.results import ClientResult, ClientTask
-from tests.conftest import FAST, REPO, compose_config
 from tests.test_distributed import RUN, fedtorch_run, one_rank_group  # noqa: F401
 
 MARKER_ENV = "FEDTORCH_TEST_MARKER"
@@ -360,34 +358,8 @@ def test_a_task_field_the_schema_does_not_carry_is_not_sent_silently(monkeypatch
     _tasks_message([([ClientTask(0)], True)], 1, torch.zeros(3))  # at its default: fine
 
 
-# The distributed keys outside torchrun ------------------------------------------------
-
-KEYS = [
-    (
-        "collective not gather or allreduce",
-        ["aggregation.collective=ring"],
-        "aggregation.collective: must be gather or allreduce, got 'ring'",
-    ),
-    (
-        "distributed timeout of 0",
-        ["distributed.timeout_s=0"],
-        "distributed.timeout_s: must be a number > 0, got 0",
-    ),
-    (
-        "a silo without data.silos",
-        ["distributed.silo=0"],
-        "distributed.silo: is 0, but data.silos is not set: it names this process's silo",
-    ),
-]
-
-
-@pytest.mark.parametrize(("what", "overrides", "message"), KEYS)
-def test_distributed_keys_are_refused_outside_torchrun_with_one_line(what, overrides, message):
-    with pytest.raises(ConfigError) as info:
-        validate_config(compose_config([*FAST, *overrides]))
-    assert str(info.value).startswith(message)
-    row = f"| {what} | `{' '.join(overrides)}` | `{message}"
-    assert row in (REPO / "README.md").read_text(), row
+# The distributed keys outside torchrun (aggregation.collective=ring, distributed.timeout_s=0,
+# distributed.silo without data.silos) are rows of tests/bad_inputs.py, checked there.
 
 
 def test_the_timeout_on_the_command_line_falls_back_when_it_cannot_be_one():
