@@ -211,6 +211,7 @@ def test_cifar_augment_needs_the_dataloader_path(tmp_path, cifar_base):
 RESUMED = [*FAST, "rounds=4", "checkpoint.every=1", "data.in_memory=false"]
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 def test_killed_run_resumes_exactly_with_other_workers(tmp_path):
     reference = run(tmp_path, "reference", RESUMED)
     killed = tmp_path / "killed"

@@ -418,6 +418,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if re.match(r"^error: ", line)]
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 def test_a_rank_sending_a_pickle_stops_the_run_and_nothing_runs(tmp_path, monkeypatch):
     marker = tmp_path / "written-by-unpickling"
     monkeypatch.setenv(MARKER_ENV, str(marker))

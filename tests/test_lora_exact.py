@@ -126,6 +126,7 @@ def test_exact_run_sends_the_folded_base_every_round_and_saves_it(tmp_path, play
     check_saved_model(orch, tmp_path / "run", base_state)
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 def test_exact_run_killed_mid_round_resumes_bit_identically(tmp_path, plays):
     settings = ["rounds=4", "checkpoint.every=1"]
     straight = build(compose_config(exact_run(plays, settings)), tmp_path / "straight")

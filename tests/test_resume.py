@@ -162,6 +162,7 @@ def sigint_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 def test_cli_sigkill_then_resume(tmp_path, reference):
     run_dir = tmp_path / "run"
     proc = popen_cli([*RUN, SLOW, f"hydra.run.dir={run_dir}"], tmp_path)
@@ -173,7 +174,11 @@ def test_cli_sigkill_then_resume(tmp_path, reference):
     assert_same(run_dir, reference)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "signum",
+    [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],  # default-suite time
+    ids=["ctrl-c", "sigterm"],
+)
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, reference, signum):
     """Ctrl-C, and SIGTERM (what schedulers send before they kill a job), alike."""
     run_dir = tmp_path / "run"

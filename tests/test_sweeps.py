@@ -130,6 +130,7 @@ def test_optuna_preset_with_joblib_equals_the_basic_launcher(tmp_path, capsys):
     assert out.split("Optuna best: ", 1)[1].splitlines()[0].endswith(f"(run {best_name})")
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 def test_optuna_diverged_trial_fails_and_the_search_goes_on(tmp_path, capsys):
     preset = yaml.safe_load(PRESET.read_text())["hydra"]["sweeper"]
     assert preset["max_failure_rate"] == 1.0 and preset["direction"] == "maximize"

@@ -123,6 +123,7 @@ def test_model_output_mismatch_is_refused(tmp_path):
         build(cfg, tmp_path / "r")
 
 
+@pytest.mark.slow  # default-suite time (under 10 minutes on 2 cores); `make test-full`
 @pytest.mark.skipif(
     not FMNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
 )
