@@ -101,34 +101,32 @@ class UpdatePipeline:
     def add(self, client: ClientResult, delta: torch.Tensor) -> None:
         """Pass one client's delta [P] (lent, not kept) through the steps into the
         aggregator."""
-        update: Any = delta
         try:
+            update: Any = delta
             if self.client_side is not None:
                 update, receipt = self.client_side.run(client, update)
                 self.client_side.accept(client, receipt)
-            for step in self.steps:
-                update = step(client, update)
+            self._server_side(client, update)
         except RejectedUpdate as rejected:
             self.failures.append(ClientFailure(client.client_id, str(rejected)))
-            return
-        self.aggregator.add(client, update)
-        self.clients.append(client)
 
     def add_sent(self, client: ClientResult, sent: torch.Tensor, receipt: dict[str, Any]) -> None:
         """Take one client's update [P] as the rank that trained it sent it (after its
         client-side steps; lent, not kept): check it is finite, record its ``receipt``,
         then run the server's steps into the aggregator. Raises ``ValueError`` for a
         receipt this round's client side does not accept."""
-        update: Any = sent
         try:
             check_finite(client, sent)
             if self.client_side is not None:
                 self.client_side.accept(client, receipt)
-            for step in self.steps:
-                update = step(client, update)
+            self._server_side(client, sent)
         except RejectedUpdate as rejected:
             self.failures.append(ClientFailure(client.client_id, str(rejected)))
-            return
+
+    def _server_side(self, client: ClientResult, update: Any) -> None:
+        """The server's steps, then the aggregator; the client counts as reported."""
+        for step in self.steps:
+            update = step(client, update)
         self.aggregator.add(client, update)
         self.clients.append(client)
 
